@@ -1,0 +1,2 @@
+"""l7gate: Cilium network policies enforced on containers outside Kubernetes."""
+__version__ = "0.1.0"
