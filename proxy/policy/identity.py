@@ -1,0 +1,115 @@
+"""Security identities (spec §12): reserved numbers, allocated numbers stable per label set.
+
+An identity is the set of identity-relevant labels; endpoints with the same relevant labels share
+it. IP-derived identities (CIDR, FQDN-learned, world) carry the IP they stand for, because CIDR and
+FQDN selectors match on the address, not on labels.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass, field
+
+from proxy.policy.labels import CIDR, RESERVED, Label, LabelSet
+
+RESERVED_IDS = {
+    "host": 1, "world": 2, "unmanaged": 3, "health": 4, "init": 5, "remote-node": 6,
+    "kube-apiserver": 7, "ingress": 8, "world-ipv4": 9, "world-ipv6": 10,
+}
+RESERVED_NAMES = {v: k for k, v in RESERVED_IDS.items()}
+CLUSTER_MIN, CLUSTER_MAX = 256, 65535
+LOCAL_MIN, LOCAL_MAX = 0x01000001, 0x01FFFFFF
+
+# Labels that do not make an identity (spec §12 default filter); reserved labels always count.
+_IRRELEVANT = re.compile(
+    r"^(io\.kubernetes(?!\.pod\.namespace$)|kubernetes\.io|statefulset\.kubernetes\.io/pod-name$"
+    r"|apps\.kubernetes\.io/pod-index$|batch\.kubernetes\.io/job-completion-index$"
+    r"|batch\.kubernetes\.io/controller-uid$|.*beta\.kubernetes\.io|k8s\.io"
+    r"|pod-template-generation$|pod-template-hash$|controller-revision-hash$|controller-uid$"
+    r"|annotation|etcd_node$)")
+
+
+def relevant(label: Label) -> bool:
+    if label.source == RESERVED:
+        return True
+    key = label.key
+    if key.startswith(("io.cilium.k8s.namespace.labels.", "app.kubernetes.io")):
+        return True
+    return not _IRRELEVANT.match(key)
+
+
+IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: int
+    labels: LabelSet
+    net: IPNet | None = None  # the prefix an IP-derived identity stands for
+    names: frozenset[str] = field(default=frozenset())  # FQDNs known for that IP
+
+    @property
+    def reserved_name(self) -> str | None:
+        return RESERVED_NAMES.get(self.id)
+
+    def display(self) -> str:
+        """Hubble's form: `(world)` for reserved, `(ID:N)` otherwise."""
+        name = self.reserved_name
+        return f"({name})" if name else f"(ID:{self.id})"
+
+
+def reserved(name: str) -> Identity:
+    labels = [Label(RESERVED, name)]
+    return Identity(RESERVED_IDS[name], LabelSet.of(labels))
+
+
+class IdentityAllocator:
+    """Hands out numbers: the same label set always gets the same number.
+
+    Cluster identities come from a hash of the labels (probing on collision), so two processes
+    that see the same endpoints agree without talking; the agent's registry makes it collision-free
+    across processes later. IP-derived identities get node-local numbers (scope bit 24).
+    """
+
+    def __init__(self) -> None:
+        self._by_labels: dict[frozenset[Label], Identity] = {}
+        self._used: set[int] = set()
+        self._by_ip: dict[str, Identity] = {}
+        self._next_local = LOCAL_MIN
+
+    def for_labels(self, labels: LabelSet) -> Identity:
+        relevant_set = frozenset(lb for lb in labels if relevant(lb))
+        found = self._by_labels.get(relevant_set)
+        if found:
+            return found
+        reserved_only = [lb for lb in relevant_set if lb.source == RESERVED]
+        if len(relevant_set) == 1 and reserved_only and reserved_only[0].key in RESERVED_IDS:
+            num = RESERVED_IDS[reserved_only[0].key]
+        else:
+            num = self._hash_number(relevant_set)
+        ident = Identity(num, LabelSet.of(relevant_set))
+        self._by_labels[relevant_set] = ident
+        self._used.add(num)
+        return ident
+
+    def _hash_number(self, labels: frozenset[Label]) -> int:
+        digest = hashlib.sha256("\n".join(sorted(map(str, labels))).encode()).digest()
+        span = CLUSTER_MAX - CLUSTER_MIN + 1
+        num = CLUSTER_MIN + int.from_bytes(digest[:8], "big") % span
+        while num in self._used:
+            num = CLUSTER_MIN + (num - CLUSTER_MIN + 1) % span
+        return num
+
+    def for_ip(self, ip: str, names: frozenset[str] = frozenset()) -> Identity:
+        """A CIDR identity for an address outside every endpoint: world + `cidr:<ip>/<len>`."""
+        net = ipaddress.ip_network(ip, strict=False)
+        key = f"{net}|{','.join(sorted(names))}"
+        found = self._by_ip.get(key)
+        if found:
+            return found
+        labels = LabelSet.of([Label(RESERVED, "world"), Label(CIDR, str(net))])
+        ident = Identity(self._next_local, labels, net, names)
+        self._next_local += 1
+        self._by_ip[key] = ident
+        return ident
