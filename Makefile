@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	./bench/../scripts/starwars-trace
+	scripts/starwars-trace
 
 test: $(STAMP)
 	$(PY) -m pytest
