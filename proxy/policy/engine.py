@@ -175,7 +175,7 @@ def l7_verdict(policy: L7Policy, http: httpmatch.HTTPRequest | None, dns_name: s
             return L7Verdict("http", True if http else None, True, [], rules)
         if http is None:
             return L7Verdict("http", None, False, [], rules)
-        matched = [o for r, o in policy.http if httpmatch.compile_rule(r).matches(http).allowed]
+        matched = [o for r, o in policy.http if httpmatch.compile_rule(r).matches(http)]
         return L7Verdict("http", bool(matched), False, matched, rules)
     if policy.kind == "dns":
         rules = [(_dns_text(r), o) for r, o in policy.dns]
