@@ -170,23 +170,20 @@ def inline_endpoint(spec: str) -> Endpoint:
 def l7_verdict(policy: L7Policy, http: httpmatch.HTTPRequest | None, dns_name: str | None) -> L7Verdict:
     """Check one request against the merged L7 policy with the proxies' own matchers."""
     if policy.kind == "http":
-        rules = [(_http_text(r), o) for r, o in policy.http]
-        if policy.allow_all:
-            return L7Verdict("http", True if http else None, True, [], rules)
-        if http is None:
-            return L7Verdict("http", None, False, [], rules)
-        matched = [o for r, o in policy.http if httpmatch.compile_rule(r).matches(http)]
-        return L7Verdict("http", bool(matched), False, matched, rules)
-    if policy.kind == "dns":
-        rules = [(_dns_text(r), o) for r, o in policy.dns]
-        if policy.allow_all:
-            return L7Verdict("dns", True if dns_name else None, True, [], rules)
-        if dns_name is None:
-            return L7Verdict("dns", None, False, [], rules)
-        matched = [o for r, o in policy.dns if _dns_matches(r, dns_name)]
-        return L7Verdict("dns", bool(matched), False, matched, rules)
-    # kafka / generic l7proto: not proxied by l7gate; the connection is allowed, requests unchecked
-    return L7Verdict(policy.kind, None, policy.allow_all)
+        rules, request, text = policy.http, http, _http_text
+        check = lambda r: httpmatch.compile_rule(r).matches(http)  # noqa: E731
+    elif policy.kind == "dns":
+        rules, request, text = policy.dns, dns_name, _dns_text
+        check = lambda r: _dns_matches(r, dns_name)  # noqa: E731
+    else:  # kafka / generic l7proto: not proxied by l7gate; requests are not checked
+        return L7Verdict(policy.kind, None, policy.allow_all)
+    listed = [(text(r), o) for r, o in rules]
+    if not request:
+        return L7Verdict(policy.kind, None, policy.allow_all, [], listed)
+    if policy.allow_all:
+        return L7Verdict(policy.kind, True, True, [], listed)
+    matched = [o for r, o in rules if check(r)]
+    return L7Verdict(policy.kind, bool(matched), False, matched, listed)
 
 
 def _dns_matches(rule: api.PortRuleDNS, name: str) -> bool:
