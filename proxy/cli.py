@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--http-header", action="append", default=[], metavar="K=V")
     t.add_argument("--dns-name", metavar="NAME")
     t.add_argument("--fqdn-cache", action="append", default=[], metavar="NAME=IP[,IP]...")
+    t.add_argument("--policy-enforcement", choices=["default", "always", "never"], default="default",
+                   help="Cilium's --enable-policy mode (default: per endpoint and direction)")
     t.add_argument("-o", "--output", choices=["text", "json"], default="text")
     t.set_defaults(func=_trace)
 

@@ -30,7 +30,8 @@ TABLES = ROOT / "tests" / "data" / "seeds"
 TYPO = TABLES / "user-db-typo.yaml"
 EXIT = {"allowed": 0, "denied": 2}
 PARTS = ("egress", "ingress", "l7")
-ROW_KEYS = {"name", "says", "policies", "from", "to", "dport", "http", "dns_name", "expect"}
+ROW_KEYS = {"name", "says", "policies", "from", "to", "dport", "http", "dns_name", "expect",
+            "policy_enforcement"}
 EXPECT_KEYS = {"verdict", *PARTS, "policies_include", "policies_exactly"}
 
 
@@ -87,6 +88,9 @@ def trace_args(table: dict, row: dict, empty_dir: Path) -> list[str]:
         args += ["--dns-name", row["dns_name"]]
     for name, ips in (table.get("fqdn_cache") or {}).items():
         args += ["--fqdn-cache", f"{name}={','.join(ips)}"]
+    mode = row.get("policy_enforcement") or table.get("policy_enforcement")
+    if mode:
+        args += ["--policy-enforcement", mode]
     return args + ["-o", "json"]
 
 

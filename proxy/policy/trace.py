@@ -12,6 +12,7 @@ from proxy.fqdn.cache import DNSCache
 from proxy.policy import httpmatch
 from proxy.policy.endpoint import EndpointsFileError, load_endpoints_file
 from proxy.policy.engine import Engine, FlowVerdict, Peer, PeerError, SideVerdict
+from proxy.policy.repository import Options
 from proxy.policy.load import load_paths
 
 PROTOCOLS = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "icmp": "ICMP", "icmpv4": "ICMP",
@@ -70,7 +71,8 @@ def _trace(args) -> tuple[FlowVerdict, httpmatch.HTTPRequest | None]:
             print(f"warning: policy not in force: {err}", file=sys.stderr)
     endpoints, services = load_endpoints_file(args.endpoints) if args.endpoints else ([], [])
     cache = DNSCache.from_pairs(args.fqdn_cache)
-    engine = Engine(result.policies, endpoints, services, cache)
+    options = Options(enforcement=getattr(args, "policy_enforcement", "default"))
+    engine = Engine(result.policies, endpoints, services, cache, options)
     proto, port = parse_dport(args.dport)
     request = http_request(args)
     if request is not None:
