@@ -15,8 +15,10 @@ CASES = yaml.safe_load((Path(__file__).parent / "data" / "engine_cases.yaml").re
 
 
 def build_engine(case, tmp_path):
-    pol = tmp_path / "policies.yaml"
-    pol.write_text(case["policies"] or "")
+    pol = tmp_path / "policies"
+    pol.mkdir()
+    if case["policies"]:
+        (pol / "policies.yaml").write_text(case["policies"])
     result = load_paths([str(pol)])
     bad = [str(e) for d in result.documents for e in d.errors]
     assert not bad, bad
