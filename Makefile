@@ -6,7 +6,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+# Debian packages the datapath and the lab need (installed when missing; needs root).
+DEBS := nftables iproute2
+SYSDEPS := $(VENV)/.sysdeps
+
+$(SYSDEPS): Makefile
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "note: missing Debian packages:$$missing (run as root to install them)"; fi; \
+	fi
+	mkdir -p $(VENV) && touch $(SYSDEPS)
+
+$(STAMP): pyproject.toml $(SYSDEPS)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'

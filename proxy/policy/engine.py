@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Callable
 
 from proxy.fqdn import matchpattern
 from proxy.fqdn.cache import DNSCache
@@ -83,11 +84,11 @@ class Engine:
 
     def __init__(self, policies: list[api.Policy], endpoints: list[Endpoint] | None = None,
                  services: list[Service] | None = None, fqdn_cache: DNSCache | None = None,
-                 options: Options | None = None, now: float = 0.0) -> None:
+                 options: Options | None = None, clock: Callable[[], float] | None = None) -> None:
         self.repo = Repository(policies, services, options)
         self.endpoints = list(endpoints or [])
         self.cache = fqdn_cache or DNSCache()
-        self.now = now
+        self.clock = clock or (lambda: 0.0)  # trace: a fixed instant; the agent passes time.time
         self.ids = IdentityAllocator()
         self._by_name = {e.name: e for e in self.endpoints}
         self._by_ip = {ip: e for e in self.endpoints for ip in e.ips}
@@ -110,7 +111,7 @@ class Engine:
         ep = self._by_ip.get(ip)
         if ep is not None:
             return self.endpoint_peer(ep)
-        names = frozenset(self.cache.names_for_ip(ip, self.now))
+        names = frozenset(self.cache.names_for_ip(ip, self.clock()))
         return Peer(self.ids.for_ip(ip, names), ip, ip=ip)
 
     def peer(self, spec: str) -> Peer:

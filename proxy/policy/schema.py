@@ -73,6 +73,7 @@ class Str:
     max_length: int | None = None
     format: str = ""           # "cidr" is the only format Kubernetes checks in these schemas
     check: Callable[[str], list[str]] | None = None  # API-server validation beyond OpenAPI
+    what: str = ""             # the pattern in words, for messages
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Bool:
 class IntOrStr:
     """`x-kubernetes-int-or-string`; the pattern applies to strings only."""
     pattern: str = ""
+    what: str = ""
 
 
 @dataclass
@@ -254,7 +256,7 @@ ICMP_TYPE = (
 ICMP_RULE = Obj("ICMPRule", {
     "fields": Arr(Obj("ICMPField", {
         "family": Str(enum=("IPv4", "IPv6")),
-        "type": IntOrStr(pattern=ICMP_TYPE),
+        "type": IntOrStr(pattern=ICMP_TYPE, what="a type number 0-255 or an ICMP type name"),
     }, required=("type",)), max_items=40),
 })
 
@@ -264,7 +266,7 @@ PORT = (r"^(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}
         r"([a-zA-Z0-9]-?)*[a-zA-Z](-?[a-zA-Z0-9])*$")
 
 PORT_PROTOCOL = Obj("PortProtocol", {
-    "port": Str(pattern=PORT),
+    "port": Str(pattern=PORT, what="a port number 0-65535 or a port name"),
     "endPort": Int(minimum=0, maximum=65535),
     "protocol": Str(enum=("TCP", "UDP", "SCTP", "VRRP", "IGMP", "ANY")),
 })
@@ -302,8 +304,11 @@ KAFKA_RULE = Obj("PortRuleKafka", {
     "topic": Str(max_length=255),
 })
 
-MATCH_NAME = Str(max_length=255, pattern=r"^([-a-zA-Z0-9_]+[.]?)+$")
-MATCH_PATTERN = Str(max_length=255, pattern=r"^([-a-zA-Z0-9_*]+[.]?)+$")
+MATCH_NAME = Str(max_length=255, pattern=r"^([-a-zA-Z0-9_]+[.]?)+$",
+                 what="a DNS name: letters, digits, '-' and '_' in labels separated by one dot")
+MATCH_PATTERN = Str(max_length=255, pattern=r"^([-a-zA-Z0-9_*]+[.]?)+$",
+                    what="a DNS name pattern: letters, digits, '-', '_' and '*' in labels "
+                         "separated by one dot")
 FQDN_SELECTOR = Obj("FQDNSelector", {"matchName": MATCH_NAME, "matchPattern": MATCH_PATTERN},
                     one_of=(("matchName", "matchPattern"),))
 DNS_RULE = Obj("PortRuleDNS", {"matchName": MATCH_NAME, "matchPattern": MATCH_PATTERN},
@@ -545,7 +550,8 @@ KNP_SPEC = Obj("NetworkPolicySpec", {
 
 KNP = Obj(KIND_KNP, {
     "apiVersion": Str(), "kind": Str(), "metadata": OBJECT_META, "spec": KNP_SPEC,
-}, required=("metadata", "spec"), notes=_TOP_NOTES)
+}, required=("metadata", "spec"),
+    notes={"description": "a NetworkPolicy has no description; use metadata.annotations"})
 
 _SCHEMAS = {KIND_CNP: CNP, KIND_CCNP: CCNP, KIND_KNP: KNP}
 
@@ -650,8 +656,8 @@ class _Walker:
         elif isinstance(schema, IntOrStr):
             if isinstance(value, str):
                 if schema.pattern and not re2.search(schema.pattern, value):
-                    self.error(path, f"Invalid value: {_show(value)}: must match "
-                                     f"'{schema.pattern}'")
+                    self.error(path, f"Invalid value: {_show(value)}: "
+                                     + _must_match(schema.pattern, schema.what))
             elif not _is_int(value):
                 self.type_error(path, "integer or string", value)
         else:  # pragma: no cover - a table bug
@@ -699,7 +705,7 @@ class _Walker:
             self.error(path, f"Too many: {len(value)}: must have at most {s.max_items} items")
         if s.min_items is not None and len(value) < s.min_items:
             self.error(path, f"Invalid value: {len(value)} items: must have at least "
-                             f"{s.min_items} items")
+                             f"{s.min_items} item" + ("s" if s.min_items != 1 else ""))
         seen = set()
         for i, item in enumerate(value):
             self.walk(item, s.items, path + (i,))
@@ -725,7 +731,7 @@ class _Walker:
         if s.enum and value not in s.enum:
             msg = (f"Unsupported value: {_show(value)}: supported values: "
                    + ", ".join(json.dumps(e) for e in s.enum))
-            hint = _suggest(value, s.enum)
+            hint = next((e for e in s.enum if e.lower() == value.lower()), None)
             if hint:
                 msg += f" (did you mean {json.dumps(hint)}?)"
             self.error(path, msg)
@@ -735,13 +741,17 @@ class _Walker:
             self.error(path, f"Invalid value: {_show(value)}: must be at least {s.min_length} "
                              "character" + ("s" if s.min_length != 1 else "") + " long")
         if s.pattern and not re2.search(s.pattern, value):
-            self.error(path, f"Invalid value: {_show(value)}: must match '{s.pattern}'")
+            self.error(path, f"Invalid value: {_show(value)}: " + _must_match(s.pattern, s.what))
         if s.format == "cidr" and not is_cidr(value):
             self.error(path, f"Invalid value: {_show(value)}: must be a CIDR "
                              "(address/prefix-length, e.g. 10.0.0.0/8 or 2001:db8::/32)")
         if s.check:
             for msg in s.check(value):
                 self.error(path, f"Invalid value: {_show(value)}: {msg}")
+
+
+def _must_match(pattern: str, what: str) -> str:
+    return f"must be {what}" if what else f"must match '{pattern}'"
 
 
 def _scalar_text(v: Any) -> str:
@@ -809,7 +819,8 @@ def check_object(value: Any, pos_of: PosOf, base: Path = (), file: str = "") -> 
     if kind not in POLICY_KINDS or POLICY_KINDS[kind] != api_version:
         verdict = _classify_other(api_version, kind)
         if verdict is None:
-            out.skipped = f"skipped: {kind} ({api_version}) is not a network policy"
+            named = f" {json.dumps(out.name)}" if out.name else ""
+            out.skipped = f"{kind}{named} ({api_version}) is not a network policy"
             return out
         return fail(verdict[0], verdict[1])
 

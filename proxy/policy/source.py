@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.reader import ReaderError
 from yaml.resolver import Resolver
 
 from .errors import LAYER_YAML, PolicyError
@@ -88,12 +89,13 @@ class Document:
     def pos_of(self, path: Path) -> Pos:
         """Position of `path`, or of its nearest ancestor that has one."""
         path = tuple(path)
-        while path:
+        while True:
             p = self.positions.get(path)
             if p is not None:
                 return p
+            if not path:
+                return self.pos
             path = path[:-1]
-        return self.pos
 
 
 def format_path(path: Path) -> str:
@@ -272,6 +274,12 @@ def _parse_chunk(chunk: str, first_line: int, file: str, index0: int) -> list[Do
             if done is not None:
                 root, errors, pos = done
                 docs.append(_materialize(root, errors, pos, file, index0 + len(docs)))
+    except ReaderError as e:  # a character YAML does not allow (NUL, other controls)
+        before = chunk[:e.position]
+        line = first_line + before.count("\n") + 1
+        col = e.position - (before.rfind("\n") + 1) + 1
+        char = e.character if isinstance(e.character, str) else chr(e.character)
+        fail(f"character {char!r} is not allowed in YAML ({e.reason}; binary file?)", (line, col))
     except yaml.YAMLError as e:
         msg, pos = _yaml_message(e, chunk, first_line)
         fail(msg, pos or (first_line + 1, 1))

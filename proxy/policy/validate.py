@@ -38,9 +38,7 @@ def run(paths: list[str], output: str, out: TextIO) -> int:
             for e in d.errors:
                 out.write(f"{e}\n")
             if d.skipped:
-                name = f" {d.name!r}" if d.name else ""
-                out.write(f"{d.file}:{d.line}:{d.column}: {d.skipped.replace('skipped: ', '')}"
-                          f"{name and ' (' + name.strip() + ')'} [skipped]\n")
+                out.write(f"{d.file}:{d.line}:{d.column}: skipped: {d.skipped}\n")
         out.write(summary(result) + "\n")
     return 0 if result.valid else 1
 

@@ -1,0 +1,74 @@
+"""The agent's answer to the proxies: verdicts from the engine for the local endpoint.
+
+One oracle per workload (sidecar). The peer of a request is known only by IP: the engine maps it
+to an endpoint identity (registry) or an IP identity (world, CIDR, FQDN-learned names).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+from proxy.fqdn.cache import DNSCache
+from proxy.l7.oracle import L7Result
+from proxy.policy.engine import Engine, L7Verdict, l7_verdict
+from proxy.policy.httpmatch import HTTPRequest
+
+# Called with the learned (name, ips, ttl); resolves when the datapath holds them.
+OpenIPs = Callable[[str, list[str], int], Awaitable[None]]
+
+
+def _result(v: L7Verdict | None, what: str) -> L7Result:
+    if v is None:
+        return L7Result(False, reason=f"no {what} policy for this flow")
+    origins = v.matched if v.matched else [o for _, o in v.rules]
+    policies = tuple({tuple(d.items()): d for d in (o.ref.as_dict() for o in origins)}.values())
+    if v.allowed:
+        return L7Result(True, policies, "allowed by an allow without L7 rules" if v.allow_all
+                        else f"{what} rule matched")
+    return L7Result(False, policies, f"no {what} rule matched")
+
+
+class EngineOracle:
+    def __init__(self, engine: Engine, endpoint_name: str, open_ips: OpenIPs | None = None,
+                 max_delay: float = 0.1) -> None:
+        self.engine = engine
+        self.endpoint_name = endpoint_name
+        self.open_ips = open_ips
+        self.max_delay = max_delay
+
+    @property
+    def cache(self) -> DNSCache:
+        return self.engine.cache
+
+    def _decision(self, direction: str, peer_ip: str, proto: str, port: int):
+        local = self.engine.peer(self.endpoint_name)
+        peer = self.engine.ip_peer(peer_ip)
+        return self.engine.policy_of(local).direction(direction).lookup(peer.identity, proto, port)
+
+    def http_verdict(self, direction: str, peer_ip: str, port: int, request: HTTPRequest) -> L7Result:
+        d = self._decision(direction, peer_ip, "TCP", port)
+        if not d.allowed:
+            return L7Result(False, reason="denied at L3/L4")
+        if d.l7 is None or d.l7.kind != "http":
+            return L7Result(True, reason="no HTTP rules on this port")
+        return _result(l7_verdict(d.l7, request, None), "HTTP")
+
+    def dns_verdict(self, server_ip: str, server_port: int, qname: str) -> L7Result:
+        verdicts = []
+        for proto in ("UDP", "TCP"):
+            d = self._decision("egress", server_ip, proto, server_port)
+            if d.allowed and d.l7 is not None and d.l7.kind == "dns":
+                verdicts.append(l7_verdict(d.l7, None, qname))
+        allowed = [v for v in verdicts if v.allowed]
+        if allowed:
+            return _result(allowed[0], "DNS")
+        return _result(verdicts[0] if verdicts else None, "DNS")
+
+    async def learn(self, qname: str, ips: list[str], ttl: int) -> None:
+        self.engine.cache.update(qname, ips, ttl, self.engine.clock())
+        if self.open_ips is None:
+            return
+        try:
+            await asyncio.wait_for(self.open_ips(qname, ips, ttl), self.max_delay)
+        except asyncio.TimeoutError:
+            pass  # like Cilium: release the answer anyway after the max delay

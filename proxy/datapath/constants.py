@@ -1,0 +1,9 @@
+"""Numbers the datapath, the proxies and the agent must agree on."""
+
+TABLE = "l7gate"  # our one nftables table (family inet), in the workload's namespace
+HTTP_PROXY_PORT = 15001  # REDIRECT target for ports whose policy has HTTP rules
+DNS_PROXY_PORT = 15053  # TPROXY target for DNS (UDP and TCP) with DNS rules
+PROXY_MARK = 0x4C37  # SO_MARK on the proxies' own upstream sockets: never redirected, never re-checked
+DNS_TPROXY_MARK = 0x4C38  # fwmark set on locally generated DNS so policy routing sends it to TPROXY
+DNS_TPROXY_TABLE = 0x4C38  # routing table holding `local 0.0.0.0/0 dev lo` for that mark
+WORLD_ID = 2  # identity of an address outside the ipcache
