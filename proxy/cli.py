@@ -24,6 +24,40 @@ def _fqdn_match(args: argparse.Namespace) -> int:
     return matchpattern.run_match(args.pattern, args.names, sys.stdout)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from proxy.agent import run
+    return run.run(args)
+
+
+def _control(cmd: str):
+    def call(args: argparse.Namespace) -> int:
+        from proxy.agent import control
+        return control.run(cmd, args.registry, args.output, sys.stdout)
+    return call
+
+
+def _lab(args: argparse.Namespace) -> int:
+    from proxy import lab
+    if args.lab_command == "up":
+        return lab.up(args.file, no_agents=args.no_agents)
+    if args.lab_command == "down":
+        return lab.down(args.name)
+    if args.lab_command == "exec":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        return lab.exec_(args.service, argv)
+    return lab.status()
+
+
+def _add_control(sub, words: str, help_text: str) -> None:
+    import os
+    from proxy.agent.control import DEFAULT_REGISTRY
+    c = sub.add_parser(words.split()[-1], help=help_text)
+    c.add_argument("--registry", default=os.environ.get("L7GATE_REGISTRY", DEFAULT_REGISTRY),
+                   help="registry directory shared by the agents (env L7GATE_REGISTRY)")
+    c.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    c.set_defaults(func=_control(words))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="l7gate", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("paths", nargs="+", metavar="PATH")
     v.add_argument("-o", "--output", choices=["text", "json"], default="text")
     v.set_defaults(func=_policy_validate)
+    _add_control(psub, "policy get", "the policies in force in each agent, and rejected files")
 
     t = sub.add_parser("trace", help="explain the verdict for one flow (exit 0 allowed, 2 denied)")
     t.add_argument("--policies", nargs="+", required=True, metavar="PATH")
@@ -60,6 +95,39 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("pattern", metavar="PATTERN")
     m.add_argument("names", nargs="+", metavar="NAME")
     m.set_defaults(func=_fqdn_match)
+    cache = fsub.add_parser("cache", help="the FQDN cache of the agents")
+    csub = cache.add_subparsers(dest="cache_command", required=True, metavar="SUBCOMMAND")
+    _add_control(csub, "fqdn cache list", "names learned from DNS answers, with TTLs and IPs")
+
+    r = sub.add_parser("run", help="the sidecar agent for one workload (foreground)")
+    r.add_argument("--policies", required=True, metavar="DIR", help="policies directory (watched)")
+    r.add_argument("--registry", required=True, metavar="DIR", help="registry shared by all sidecars")
+    r.add_argument("--name", required=True, help="this workload's endpoint name")
+    r.add_argument("--labels", default="", metavar="k=v,...", help="endpoint labels ([source:]key=value)")
+    r.add_argument("--namespace", default="default", help="endpoint namespace (default: default)")
+    r.add_argument("--service-account", default="default")
+    r.add_argument("--policy-enforcement", choices=["default", "always", "never"], default="default")
+    r.set_defaults(func=_run)
+
+    ep = sub.add_parser("endpoint", help="endpoints managed by the agents")
+    esub = ep.add_subparsers(dest="endpoint_command", required=True, metavar="SUBCOMMAND")
+    _add_control(esub, "endpoint list", "endpoints with enforcement, identity, labels and IPs")
+    ident = sub.add_parser("identity", help="security identities")
+    isub = ident.add_subparsers(dest="identity_command", required=True, metavar="SUBCOMMAND")
+    _add_control(isub, "identity list", "identities and their labels")
+
+    lab = sub.add_parser("lab", help="the namespace lab")
+    lsub = lab.add_subparsers(dest="lab_command", required=True, metavar="SUBCOMMAND")
+    lu = lsub.add_parser("up", help="build a lab from a lab file")
+    lu.add_argument("-f", "--file", required=True)
+    lu.add_argument("--no-agents", action="store_true", help="no sidecars (no enforcement)")
+    ld = lsub.add_parser("down", help="remove a lab (all labs if no name)")
+    ld.add_argument("name", nargs="?")
+    le = lsub.add_parser("exec", help="run a command inside a lab workload")
+    le.add_argument("service")
+    le.add_argument("argv", nargs=argparse.REMAINDER)
+    lsub.add_parser("status", help="labs that are up")
+    lab.set_defaults(func=_lab)
     return p
 
 

@@ -84,12 +84,13 @@ class Engine:
 
     def __init__(self, policies: list[api.Policy], endpoints: list[Endpoint] | None = None,
                  services: list[Service] | None = None, fqdn_cache: DNSCache | None = None,
-                 options: Options | None = None, clock: Callable[[], float] | None = None) -> None:
+                 options: Options | None = None, clock: Callable[[], float] | None = None,
+                 ids: IdentityAllocator | None = None) -> None:
         self.repo = Repository(policies, services, options)
         self.endpoints = list(endpoints or [])
         self.cache = fqdn_cache or DNSCache()
         self.clock = clock or (lambda: 0.0)  # trace: a fixed instant; the agent passes time.time
-        self.ids = IdentityAllocator()
+        self.ids = ids or IdentityAllocator()
         self._by_name = {e.name: e for e in self.endpoints}
         self._by_ip = {ip: e for e in self.endpoints for ip in e.ips}
         self.peer_ports: dict[int, dict[str, int]] = {}

@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from proxy.policy.labels import CIDR, RESERVED, Label, LabelSet
 
@@ -28,6 +29,11 @@ _IRRELEVANT = re.compile(
     r"|batch\.kubernetes\.io/controller-uid$|.*beta\.kubernetes\.io|k8s\.io"
     r"|pod-template-generation$|pod-template-hash$|controller-revision-hash$|controller-uid$"
     r"|annotation|etcd_node$)")
+
+
+def labels_key(labels) -> str:
+    """The canonical text of a label set: what an identity number is claimed for."""
+    return "\n".join(sorted(map(str, labels)))
 
 
 def relevant(label: Label) -> bool:
@@ -72,7 +78,10 @@ class IdentityAllocator:
     across processes later. IP-derived identities get node-local numbers (scope bit 24).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reserve: Callable[[int, str], bool] | None = None) -> None:
+        # `reserve(number, labels_key)` claims a number for a label set somewhere shared (the
+        # agent's registry) and says whether it is ours; without it numbers are only local.
+        self._reserve = reserve
         self._by_labels: dict[frozenset[Label], Identity] = {}
         self._used: set[int] = set()
         self._by_ip: dict[str, Identity] = {}
@@ -94,12 +103,15 @@ class IdentityAllocator:
         return ident
 
     def _hash_number(self, labels: frozenset[Label]) -> int:
-        digest = hashlib.sha256("\n".join(sorted(map(str, labels))).encode()).digest()
+        key = labels_key(labels)
+        digest = hashlib.sha256(key.encode()).digest()
         span = CLUSTER_MAX - CLUSTER_MIN + 1
         num = CLUSTER_MIN + int.from_bytes(digest[:8], "big") % span
-        while num in self._used:
+        for _ in range(span):
+            if num not in self._used and (self._reserve is None or self._reserve(num, key)):
+                return num
             num = CLUSTER_MIN + (num - CLUSTER_MIN + 1) % span
-        return num
+        raise RuntimeError("no free cluster identity")
 
     def for_ip(self, ip: str, names: frozenset[str] = frozenset()) -> Identity:
         """A CIDR identity for an address outside every endpoint: world + `cidr:<ip>/<len>`."""

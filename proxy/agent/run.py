@@ -1,0 +1,211 @@
+"""`l7gate run`: the sidecar agent for one workload, in the foreground (a container entrypoint).
+
+Order of things, so traffic is never open: install the closed table first; start the proxies;
+compute the policy and swap in the real table (one nftables transaction); only then publish the
+endpoint in the registry (that is the readiness signal the lab and compose wait for). Every
+half second: reload the policies directory and the registry when they changed and re-sync.
+Stopped (SIGTERM/SIGINT) or killed, the workload stays closed: the closed table is put back on a
+clean stop, and on a kill the last table stays with its redirects pointing at dead proxy ports.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from proxy.agent import control
+from proxy.agent.oracle import EngineOracle
+from proxy.agent.policydir import PolicyDir
+from proxy.agent.registry import EndpointRecord, Registry
+from proxy.agent.sync import build_state
+from proxy.datapath import compile as dp_compile
+from proxy.datapath import nft, routing
+from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT
+from proxy.fqdn.cache import DNSCache
+from proxy.policy.endpoint import Endpoint
+from proxy.policy.engine import Engine
+from proxy.policy.identity import IdentityAllocator
+from proxy.policy.labels import parse_label
+from proxy.policy.repository import Options
+
+log = logging.getLogger("l7gate.agent")
+POLL = 0.5
+
+
+@dataclass
+class AgentConfig:
+    policies: str
+    registry: str
+    name: str
+    labels: dict[str, str]
+    namespace: str = "default"
+    service_account: str = "default"
+    http_port: int = HTTP_PROXY_PORT
+    dns_port: int = DNS_PROXY_PORT
+    enforcement: str = "default"
+    ips: list[str] = field(default_factory=list)
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    out = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        lb = parse_label(part)
+        out[f"{lb.source}:{lb.key}"] = lb.value
+    return out
+
+
+def local_ips() -> list[str]:
+    """The workload's own global addresses (this process runs in its network namespace)."""
+    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True)
+    ips = []
+    for link in json.loads(out.stdout):
+        for a in link.get("addr_info", []):
+            addr = ipaddress.ip_address(a["local"])
+            if not (addr.is_loopback or addr.is_link_local):
+                ips.append(str(addr))
+    return ips
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.registry = Registry(cfg.registry)
+        self.policy_dir = PolicyDir(cfg.policies)
+        self.ids = IdentityAllocator(reserve=self.registry.reserve_identity)
+        self.cache = DNSCache()
+        self.me = Endpoint(cfg.name, cfg.namespace, cfg.labels, service_account=cfg.service_account,
+                           ips=cfg.ips)
+        self.engine = self._engine([])
+        self.oracle = EngineOracle(self.engine, cfg.name, open_ips=self._open_ips)
+        self._registry_version: tuple | None = None
+        self._ready = False
+        self.flows: list[dict] = []
+
+    def _engine(self, others: list[Endpoint]) -> Engine:
+        eps = [self.me] + [e for e in others if e.name != self.me.name]
+        return Engine(self.policy_dir.policies(), eps, [], self.cache,
+                      Options(enforcement=self.cfg.enforcement), clock=time.time, ids=self.ids)
+
+    # -- sync ---------------------------------------------------------------------------------
+    def sync(self, force: bool = False) -> bool:
+        changed = self.policy_dir.poll()
+        for err in self.policy_dir.errors if changed else []:
+            log.warning("policy not in force: %s", err)
+        version = self.registry.version()
+        if version != self._registry_version:
+            self._registry_version = version
+            changed = True
+        if not (changed or force):
+            return False
+        others = [r.endpoint() for r in self.registry.endpoints()]
+        self.engine = self._engine(others)
+        self.oracle.engine = self.engine
+        self.apply()
+        return True
+
+    def apply(self) -> None:
+        state = build_state(self.engine, self.engine.peer(self.me.name), self.cfg.http_port,
+                            self.cfg.dns_port)
+        nft.apply(dp_compile.compile_table(state))
+
+    async def _open_ips(self, qname: str, ips: list[str], ttl: int) -> None:
+        """A DNS answer was learned (already in the cache): open matching IPs before release."""
+        self.apply()
+
+    def publish(self) -> None:
+        ident = self.engine.identity_of(self.me)
+        self.registry.publish(EndpointRecord(self.me.name, self.me.namespace, self.cfg.labels,
+                                             self.me.service_account, self.me.ips, ident.id))
+        self._ready = True
+
+    # -- control socket -----------------------------------------------------------------------
+    def handle(self, cmd: str):
+        e = self.engine
+        if cmd == "status":
+            return {"name": self.me.name, "ready": self._ready}
+        if cmd == "endpoint list":
+            pol = e.policy_of(e.peer(self.me.name))
+            ident = e.identity_of(self.me)
+            word = lambda d: "Enabled" if d.enforced else "Disabled"  # noqa: E731
+            return [{"name": f"{self.me.namespace}/{self.me.name}", "identity": ident.id,
+                     "ingress": word(pol.ingress), "egress": word(pol.egress),
+                     "labels": ident.labels.strings(), "ips": self.me.ips,
+                     "status": "ready" if self._ready else "not-ready"}]
+        if cmd == "identity list":
+            out = {}
+            for ep in e.endpoints:
+                ident = e.identity_of(ep)
+                out[ident.id] = {"id": ident.id, "labels": ident.labels.strings()}
+            return list(out.values())
+        if cmd == "fqdn cache list":
+            now = time.time()
+            return [{"name": c.name, "ip": c.ip,
+                     "ttl": None if c.ttl_remaining is None else int(c.ttl_remaining),
+                     "expires": None if c.expires_at is None else
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.expires_at))}
+                    for c in e.cache.entries(now)]
+        if cmd == "policy get":
+            return {"revision": e.repo.revision,
+                    "policies": [p.ref.as_dict() for p in self.policy_dir.policies()],
+                    "errors": [str(x) for x in self.policy_dir.errors]}
+        raise KeyError(cmd)
+
+    # -- main -----------------------------------------------------------------------------------
+    async def main(self) -> int:
+        from proxy.l7.dns import server as dns_server
+        from proxy.l7.http import server as http_server
+
+        nft.apply(dp_compile.closed_table())
+        routing.install()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        http = await http_server.serve(self.oracle, self.me.ips, port=self.cfg.http_port,
+                                       on_flow=self.flows.append)
+        dns = await dns_server.serve(self.oracle, port=self.cfg.dns_port, on_flow=self.flows.append)
+        ctl = await control.serve(self.registry.socket_path(self.me.name), self.handle)
+        self.sync(force=True)
+        self.publish()
+        log.info("agent %s ready: identity %s", self.me.name, self.engine.identity_of(self.me).id)
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), POLL)
+                except asyncio.TimeoutError:
+                    pass
+                try:
+                    self.sync()
+                except Exception:  # a bad sync must not kill the agent: the last table stays
+                    log.exception("sync failed; previous datapath state stays in force")
+        finally:
+            nft.apply(dp_compile.closed_table())
+            self.registry.withdraw(self.me.name)
+            self.registry.socket_path(self.me.name).unlink(missing_ok=True)
+            ctl.close()
+            http.close()
+            dns.close()
+        return 0
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    ips = local_ips()
+    cfg = AgentConfig(policies=args.policies, registry=args.registry, name=args.name,
+                      labels=parse_labels(args.labels), namespace=args.namespace,
+                      service_account=args.service_account, enforcement=args.policy_enforcement,
+                      ips=ips)
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(Agent(cfg).main())
+
