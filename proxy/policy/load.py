@@ -101,7 +101,12 @@ def _load(documents: list[source.Document], options: AgentOptions | None) -> Loa
             continue
         objects = list(_objects(doc.value, ()))
         reports = [_check(doc, base, value, options) for base, value in objects]
-        for e in doc.errors:  # YAML-level findings (duplicate keys) go to their object
+        if not reports:  # a List without items
+            objects = [((), doc.value)]
+            reports = [DocumentReport(file=doc.file, kind="List", api_version="v1",
+                                      skipped="List (v1) has no items",
+                                      line=doc.pos_of(())[0], column=doc.pos_of(())[1])]
+        for e in reversed(doc.errors):  # YAML-level findings (duplicate keys) go to their object
             owner = next((r for (base, _), r in zip(objects, reports)
                           if base and _under(e.path, source.format_path(base))), reports[0])
             owner.errors.insert(0, e)

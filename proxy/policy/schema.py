@@ -33,6 +33,7 @@ Choices where the spec is silent
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
 import re
@@ -560,6 +561,21 @@ _SCHEMAS = {KIND_CNP: CNP, KIND_CCNP: CCNP, KIND_KNP: KNP}
 # The walker
 # --------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _regex(pattern: str):
+    """Go's regexp semantics: RE2, and `MatchString` searches (the CRD's anchors are its own)."""
+    return re2.compile(pattern)
+
+
+def _prune_nulls(value: Any) -> Any:
+    """The value as the API server stores it: null mapping entries dropped."""
+    if isinstance(value, dict):
+        return {k: _prune_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_prune_nulls(v) for v in value]
+    return value
+
+
 def _is_int(v: Any) -> bool:
     """JSON integer: an int, or a float with no fraction (as Kubernetes accepts `80.0`)."""
     if isinstance(v, bool):
@@ -655,7 +671,7 @@ class _Walker:
                 self.type_error(path, "boolean", value)
         elif isinstance(schema, IntOrStr):
             if isinstance(value, str):
-                if schema.pattern and not re2.search(schema.pattern, value):
+                if schema.pattern and not _regex(schema.pattern).search(value):
                     self.error(path, f"Invalid value: {_show(value)}: "
                                      + _must_match(schema.pattern, schema.what))
             elif not _is_int(value):
@@ -740,7 +756,7 @@ class _Walker:
         if s.min_length is not None and len(value) < s.min_length:
             self.error(path, f"Invalid value: {_show(value)}: must be at least {s.min_length} "
                              "character" + ("s" if s.min_length != 1 else "") + " long")
-        if s.pattern and not re2.search(s.pattern, value):
+        if s.pattern and not _regex(s.pattern).search(value):
             self.error(path, f"Invalid value: {_show(value)}: " + _must_match(s.pattern, s.what))
         if s.format == "cidr" and not is_cidr(value):
             self.error(path, f"Invalid value: {_show(value)}: must be a CIDR "
@@ -834,6 +850,7 @@ def check_object(value: Any, pos_of: PosOf, base: Path = (), file: str = "") -> 
         return out
 
     ref = api.PolicyRef(kind=kind, namespace=out.namespace, name=out.name, file=file)
+    value = _prune_nulls(value)
 
     def rel_pos(path: Path) -> api.Pos:
         return pos_of(base + tuple(path))
@@ -898,18 +915,20 @@ class _ApiBuilder:
         dd = d.get("enableDefaultDeny")
         log = d.get("log") or {}
         return api.Rule(
-            endpoint_selector=self.selector(d.get("endpointSelector"), path + ("endpointSelector",)),
+            endpoint_selector=self.selector(d.get("endpointSelector"),
+                                            path + ("endpointSelector",)),
             node_selector=self.selector(d.get("nodeSelector"), path + ("nodeSelector",)),
             ingress=self.entries(d.get("ingress"), path + ("ingress",), "ingress", False),
-            ingress_deny=self.entries(d.get("ingressDeny"), path + ("ingressDeny",), "ingress", True),
+            ingress_deny=self.entries(d.get("ingressDeny"), path + ("ingressDeny",), "ingress",
+                                      True),
             egress=self.entries(d.get("egress"), path + ("egress",), "egress", False),
             egress_deny=self.entries(d.get("egressDeny"), path + ("egressDeny",), "egress", True),
             labels=[api.RuleLabel(key=lb["key"], value=lb.get("value") or "",
                                   source=lb.get("source") or "")
                     for lb in d.get("labels") or []],
             description=d.get("description") or "",
-            enable_default_deny=(api.DefaultDeny(ingress=dd.get("ingress"), egress=dd.get("egress"))
-                                 if dd is not None else None),
+            enable_default_deny=(None if dd is None else api.DefaultDeny(
+                ingress=dd.get("ingress"), egress=dd.get("egress"))),
             log=log.get("value") or "",
             pos=self.pos(path),
         )
@@ -917,9 +936,8 @@ class _ApiBuilder:
     def selector(self, d: dict | None, path: Path) -> api.LabelSelector | None:
         if d is None:
             return None
-        labels = {k: v for k, v in (d.get("matchLabels") or {}).items() if v is not None}
         return api.LabelSelector(
-            match_labels=labels,
+            match_labels=dict(d.get("matchLabels") or {}),
             match_expressions=[api.Requirement(key=e["key"], operator=e["operator"],
                                                values=list(e.get("values") or []))
                                for e in d.get("matchExpressions") or []],
@@ -962,7 +980,8 @@ class _ApiBuilder:
             services=None if services is None else [
                 self.service(s, path + ("toServices", i)) for i, s in enumerate(services)],
             fqdns=None if fqdns is None else [
-                api.FQDNSelector(match_name=f.get("matchName"), match_pattern=f.get("matchPattern"),
+                api.FQDNSelector(match_name=f.get("matchName"),
+                                 match_pattern=f.get("matchPattern"),
                                  pos=self.pos(path + ("toFQDNs", i)))
                 for i, f in enumerate(fqdns)],
             to_ports=self.port_rules(e.get("toPorts"), path + ("toPorts",)),
@@ -1038,11 +1057,12 @@ class _ApiBuilder:
                                   client_id=k.get("clientID") or "", topic=k.get("topic") or "")
                 for k in kafka],
             dns=None if dns is None else [
-                api.PortRuleDNS(match_name=x.get("matchName"), match_pattern=x.get("matchPattern"),
+                api.PortRuleDNS(match_name=x.get("matchName"),
+                                match_pattern=x.get("matchPattern"),
                                 pos=self.pos(path + ("dns", i)))
                 for i, x in enumerate(dns)],
             l7proto=r.get("l7proto") or "",
-            l7=None if l7 is None else [{k: v for k, v in m.items() if v is not None} for m in l7],
+            l7=None if l7 is None else [dict(m) for m in l7],
             pos=self.pos(path))
 
     def http(self, h: dict, path: Path) -> api.PortRuleHTTP:

@@ -2,7 +2,7 @@
 
 What it does
   `read_paths(paths)` expands files and directories (recursively, `*.yaml`/`*.yml`/`*.json`,
-  sorted) and returns one `Document` per YAML document: its plain Python value (dicts, lists,
+  sorted, hidden names left out) and returns one `Document` per YAML document: its plain Python value (dicts, lists,
   str/int/float/bool/None) and, for every field path, the 1-based (line, column) of the key (for
   a mapping entry) or of the item (for a list element). `format_path` prints a path the way the
   errors do: `spec.ingress[0].toPorts[0].ports[0].port`.
@@ -13,7 +13,8 @@ What it never does
   the document (or file) it concerns, with the line/column of the YAML mark.
 
 Guards against abuse
-  * files over `MAX_FILE_BYTES` (8 MiB) are refused unread;
+  * files over `MAX_FILE_BYTES` (8 MiB) are refused unread, and only the first
+    `MAX_DOCUMENTS` documents of a file are read;
   * text that is not UTF-8 (or UTF-16 with a BOM) is refused as binary;
   * nesting deeper than `MAX_DEPTH` is refused while parsing;
   * alias expansion ("billion laughs") is bounded: a document may expand to at most
@@ -32,6 +33,7 @@ How (and why not `yaml.compose_all`)
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from dataclasses import dataclass, field
@@ -45,12 +47,13 @@ from yaml.resolver import Resolver
 from .errors import LAYER_YAML, PolicyError
 
 __all__ = ["Document", "read_paths", "read_file", "parse_text", "list_files", "format_path",
-           "Path", "MAX_FILE_BYTES", "MAX_DEPTH", "MAX_VALUES", "EXTENSIONS",
+           "Path", "MAX_FILE_BYTES", "MAX_DEPTH", "MAX_VALUES", "MAX_DOCUMENTS", "EXTENSIONS",
            "FILE_PATH", "DOCUMENT_PATH"]
 
 MAX_FILE_BYTES = 8 * 1024 * 1024
 MAX_DEPTH = 100          # nesting levels as written
 MAX_VALUES = 200_000     # values per document after alias expansion (a policy has hundreds)
+MAX_DOCUMENTS = 10_000   # documents per file
 EXTENSIONS = (".yaml", ".yml", ".json")
 
 # Path placeholders for errors that concern a whole file or a whole document.
@@ -64,12 +67,14 @@ _TAG = "tag:yaml.org,2002:"
 _STR, _NULL, _BOOL, _INT, _FLOAT = (_TAG + t for t in ("str", "null", "bool", "int", "float"))
 _TIMESTAMP, _BINARY, _MERGE = _TAG + "timestamp", _TAG + "binary", _TAG + "merge"
 _CONSTRUCTED = {_NULL, _BOOL, _INT, _FLOAT}
-_AS_TEXT = {_STR, _TIMESTAMP, _BINARY, _TAG + "value"}  # kept as written (go-yaml gives strings for these too)
+# Kept as the text written (go-yaml gives Kubernetes strings for these too).
+_AS_TEXT = {_STR, _TIMESTAMP, _BINARY, _TAG + "value"}
 
 _RESOLVER = Resolver()
 _CONSTRUCTOR = SafeConstructor()
 
-_DOC_START = re.compile(r"---(?:[ \t]|$)")
+_BREAKS = "\r\n\x85\u2028\u2029"
+_DOC_MARK = re.compile(rf"(?:\A|(?<=[{_BREAKS}]))---(?=[ \t{_BREAKS}]|\Z)")
 _LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # libyaml's line breaks (YAML 1.1)
 _IDENT = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]*\Z")
 
@@ -116,12 +121,16 @@ def format_path(path: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 def list_files(path: str) -> list[str]:
-    """The policy files under a directory (recursive, sorted), as joined with `path`."""
+    """The policy files under a directory (recursive, sorted), as joined with `path`.
+
+    Hidden files and directories (`.git`, editor lock files such as `.#x.yaml`) are left out;
+    a file named explicitly is always read.
+    """
     found = []
     for root, dirs, files in os.walk(path):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
-            if name.lower().endswith(EXTENSIONS):
+            if name.lower().endswith(EXTENSIONS) and not name.startswith("."):
                 found.append(os.path.join(root, name))
     return sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep))
 
@@ -184,7 +193,16 @@ def parse_text(text: str, file: str = "") -> list[Document]:
     """Every document of a YAML stream. Empty documents are dropped; a stream with none at all
     gives one `empty` document (no value, no error)."""
     docs: list[Document] = []
-    for first_line, chunk in _chunks(text):
+    for n, (first_line, chunk) in enumerate(_chunks(text)):
+        if n >= MAX_DOCUMENTS:  # empty documents count too: `---` x 2 million is abuse as well
+            err = PolicyError(DOCUMENT_PATH, f"file has more than {MAX_DOCUMENTS} documents; "
+                                             "the rest is not read", LAYER_YAML,
+                              first_line + 1, 1, file)
+            docs.append(Document(file=file, index=len(docs), errors=[err],
+                                 pos=(first_line + 1, 1), readable=False))
+            break
+        if _blank(chunk):
+            continue
         for doc in _parse_chunk(chunk, first_line, file, len(docs)):
             if doc.readable and doc.value is None and not doc.errors:
                 continue
@@ -194,33 +212,61 @@ def parse_text(text: str, file: str = "") -> list[Document]:
     return docs
 
 
-def _chunks(text: str) -> list[tuple[int, str]]:
-    """Cut the stream at `---` lines: [(0-based first line, chunk text)]."""
-    lines: list[str] = []
+def _chunks(text: str):
+    """Cut the stream at `---` lines: yields (0-based first line, chunk text)."""
+    starts = (m.start() for m in _DOC_MARK.finditer(text) if m.start() > 0)
+    begin, line = 0, 0
+    carry: tuple[int, str] | None = None
+    for end in itertools.chain(starts, [len(text)]):
+        chunk = text[begin:end]
+        first, begin = line, end
+        line += len(_LINE_BREAK.findall(chunk))
+        if carry is not None:
+            first, chunk = carry[0], carry[1] + chunk
+            carry = None
+        if _only_directives(chunk):
+            # Directives (`%YAML 1.1`) belong to the document after them: glue them forward.
+            carry = (first, chunk)
+            continue
+        yield first, chunk
+    if carry is not None:
+        yield carry
+
+
+def _lines(text: str):
     pos = 0
     for m in _LINE_BREAK.finditer(text):
-        lines.append(text[pos:m.end()])
+        yield text[pos:m.start()]
         pos = m.end()
-    if pos < len(text):
-        lines.append(text[pos:])
-    starts = [0] + [i for i, ln in enumerate(lines) if i and _DOC_START.match(ln)]
-    chunks = [(s, "".join(lines[s:e])) for s, e in zip(starts, starts[1:] + [len(lines)])]
-    # Directives (`%YAML 1.1`) belong to the document after them: glue such chunks forward.
-    out: list[tuple[int, str]] = []
-    carry: tuple[int, str] | None = None
-    for start, chunk in chunks:
-        if carry is not None:
-            start, chunk = carry[0], carry[1] + chunk
-            carry = None
-        content = [ln.strip() for ln in _LINE_BREAK.split(chunk)]
-        content = [c for c in content if c and not c.startswith("#")]
-        if content and all(c.startswith("%") for c in content):
-            carry = (start, chunk)
-            continue
-        out.append((start, chunk))
-    if carry is not None:
-        out.append(carry)
-    return out
+    yield text[pos:]
+
+
+def _content(chunk: str):
+    """The lines of a chunk that are neither blank nor comments (lazily)."""
+    for ln in _lines(chunk):
+        s = ln.strip()
+        if s and not s.startswith("#"):
+            yield s
+
+
+def _blank(chunk: str) -> bool:
+    """Nothing but a `---` marker, comments and blank lines (no document to parse)."""
+    first = next(_content(chunk), None)
+    if first == "---" or (first is not None and first.startswith("---") and first[3] in " \t"
+                          and first[3:].strip().startswith("#")):
+        first = next(itertools.islice(_content(chunk), 1, None), None)
+    return first is None
+
+
+def _only_directives(chunk: str) -> bool:
+    if "%" not in chunk:
+        return False
+    seen = False
+    for s in _content(chunk):
+        if not s.startswith("%"):
+            return False
+        seen = True
+    return seen
 
 
 class _Fatal(Exception):
@@ -361,6 +407,9 @@ class _Builder:
         return parent.path + ((key[0] if key else "?"),)
 
     def _attach(self, node: _Node, ev, alias: bool = False) -> None:
+        self.events += 1
+        if self.events > MAX_VALUES:
+            raise _Fatal(f"document has more than {MAX_VALUES} values", node.pos)
         anchor = getattr(ev, "anchor", None)
         if not alias and anchor:
             self.anchors[anchor] = node
