@@ -11,7 +11,10 @@ import sys
 
 def _policy_validate(args: argparse.Namespace) -> int:
     from proxy.policy import validate
-    return validate.run(args.paths, args.output, sys.stdout)
+    from proxy.policy.sanitize import AgentOptions
+    options = AgentOptions(enable_node_selector_labels=args.enable_node_selector_labels,
+                           enable_extended_ip_protocols=args.enable_extended_ip_protocols)
+    return validate.run(args.paths, args.output, sys.stdout, options)
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -67,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     v = psub.add_parser("validate", help="validate policy files or directories (exit 1 if any is invalid)")
     v.add_argument("paths", nargs="+", metavar="PATH")
     v.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    v.add_argument("--enable-node-selector-labels", action="store_true",
+                   help="Cilium agent flag: allow fromNodes/toNodes")
+    v.add_argument("--enable-extended-ip-protocols", action="store_true",
+                   help="Cilium agent flag: allow VRRP/IGMP and empty ports")
     v.set_defaults(func=_policy_validate)
     _add_control(psub, "policy get", "the policies in force in each agent, and rejected files")
 

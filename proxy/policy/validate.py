@@ -19,13 +19,14 @@ from typing import TextIO
 
 from .errors import LAYER_YAML, PolicyError
 from .load import LoadResult, load_paths
+from .sanitize import AgentOptions
 from .source import FILE_PATH
 
 __all__ = ["run", "summary"]
 
 
-def run(paths: list[str], output: str, out: TextIO) -> int:
-    result = load_paths(paths)
+def run(paths: list[str], output: str, out: TextIO, options: AgentOptions | None = None) -> int:
+    result = load_paths(paths, options)
     for d in result.documents:  # nothing to validate is a mistake here (kubectl: "no objects")
         if d.empty:
             d.errors.append(PolicyError(FILE_PATH, "file holds no YAML document (nothing to "
