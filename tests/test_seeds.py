@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from clitool import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ROOT / "policies"
@@ -35,19 +33,8 @@ ROW_KEYS = {"name", "says", "policies", "from", "to", "dport", "http", "dns_name
 EXPECT_KEYS = {"verdict", *PARTS, "policies_include", "policies_exactly"}
 
 
-def l7gate() -> list[str]:
-    """The CLI under test: $L7GATE, else the project's venv, else the one next to this Python."""
-    if os.environ.get("L7GATE"):
-        return shlex.split(os.environ["L7GATE"])
-    for cand in (ROOT / ".venv" / "bin" / "l7gate", Path(sys.executable).parent / "l7gate"):
-        if os.access(cand, os.X_OK):
-            return [str(cand)]
-    found = shutil.which("l7gate")
-    return [found] if found else [str(ROOT / ".venv" / "bin" / "l7gate")]
-
-
 def run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(l7gate() + args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return run_cli(args)
 
 
 def load_tables() -> list[dict]:

@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from clitool import l7gate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -26,15 +24,6 @@ GOOD = DATA / "valid" / "cnp-every-field.yaml"
 MALFORMED = DATA / "invalid" / "malformed"
 DOC_KEYS = {"file", "kind", "namespace", "name", "valid", "errors"}
 ERROR_KEYS = {"line", "column", "path", "message", "layer"}
-
-
-def l7gate() -> list[str]:
-    if os.environ.get("L7GATE"):
-        return shlex.split(os.environ["L7GATE"])
-    for cand in (ROOT / ".venv" / "bin" / "l7gate", Path(sys.executable).parent / "l7gate"):
-        if os.access(cand, os.X_OK):
-            return [str(cand)]
-    return [shutil.which("l7gate") or str(ROOT / ".venv" / "bin" / "l7gate")]
 
 
 def validate(*args: str) -> subprocess.CompletedProcess:
