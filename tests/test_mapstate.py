@@ -2,7 +2,6 @@
 import random
 
 import pytest
-import yaml
 
 from proxy.policy.endpoint import endpoint_from_dict
 from proxy.policy.engine import Engine
