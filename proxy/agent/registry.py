@@ -1,7 +1,8 @@
 """The shared registry directory: every sidecar publishes its endpoint and reads the others'.
 
 Layout: `endpoints/<name>.json` (one per workload: name, namespace, labels, serviceAccount, ips,
-identity), `identities/<number>` (claimed with an atomic exclusive create, holding the label set
+identity), `services/<namespace>.<name>.json` (`{name, namespace, selector, ips}`, for
+`toServices`; written by whoever defines services: the lab, compose), `identities/<number>` (claimed with an atomic exclusive create, holding the label set
 it stands for, so all sidecars agree on the numbers), `agents/<name>.sock` (control sockets).
 Writes are atomic (write a temp file, rename), so a reader never sees half a file.
 """
@@ -12,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from proxy.policy.endpoint import Endpoint
+from proxy.policy.endpoint import Endpoint, Service, service_from_dict
 
 
 @dataclass
@@ -34,7 +35,7 @@ class EndpointRecord:
 class Registry:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        for sub in ("endpoints", "identities", "agents"):
+        for sub in ("endpoints", "services", "identities", "agents"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def endpoint_path(self, name: str) -> Path:
@@ -61,10 +62,25 @@ class Registry:
                 continue  # being replaced or not ours: the next poll sees it whole
         return out
 
+    def services(self) -> list[Service]:
+        out = []
+        for p in sorted((self.root / "services").glob("*.json")):
+            try:
+                out.append(service_from_dict(json.loads(p.read_text()), str(p)))
+            except (OSError, ValueError):
+                continue
+        return out
+
     def version(self) -> tuple:
-        """Changes whenever an endpoint is published or withdrawn (cheap to poll)."""
-        d = self.root / "endpoints"
-        return tuple(sorted((p.name, p.stat().st_mtime_ns) for p in d.glob("*.json")))
+        """Changes whenever an endpoint or service is published or withdrawn (cheap to poll)."""
+        out = []
+        for sub in ("endpoints", "services"):
+            for p in (self.root / sub).glob("*.json"):
+                try:
+                    out.append((sub, p.name, p.stat().st_mtime_ns))
+                except OSError:
+                    continue
+        return tuple(sorted(out))
 
     def reserve_identity(self, number: int, labels_key: str) -> bool:
         """Claim `number` for a label set; True if it is now (or already was) ours."""

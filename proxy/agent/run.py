@@ -28,7 +28,7 @@ from proxy.datapath import compile as dp_compile
 from proxy.datapath import nft, routing
 from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT
 from proxy.fqdn.cache import DNSCache
-from proxy.policy.endpoint import Endpoint
+from proxy.policy.endpoint import Endpoint, Service
 from proxy.policy.engine import Engine
 from proxy.policy.identity import IdentityAllocator
 from proxy.policy.labels import parse_label
@@ -81,15 +81,15 @@ class Agent:
         self.cache = DNSCache()
         self.me = Endpoint(cfg.name, cfg.namespace, cfg.labels, service_account=cfg.service_account,
                            ips=cfg.ips)
-        self.engine = self._engine([])
+        self.engine = self._engine([], [])
         self.oracle = EngineOracle(self.engine, cfg.name, open_ips=self._open_ips)
         self._registry_version: tuple | None = None
         self._ready = False
         self.flows: list[dict] = []
 
-    def _engine(self, others: list[Endpoint]) -> Engine:
+    def _engine(self, others: list[Endpoint], services: list[Service]) -> Engine:
         eps = [self.me] + [e for e in others if e.name != self.me.name]
-        return Engine(self.policy_dir.policies(), eps, [], self.cache,
+        return Engine(self.policy_dir.policies(), eps, services, self.cache,
                       Options(enforcement=self.cfg.enforcement), clock=time.time, ids=self.ids)
 
     # -- sync ---------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class Agent:
         if not (changed or force):
             return False
         others = [r.endpoint() for r in self.registry.endpoints()]
-        self.engine = self._engine(others)
+        self.engine = self._engine(others, self.registry.services())
         self.oracle.engine = self.engine
         self.apply()
         return True
