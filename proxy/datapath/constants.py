@@ -7,3 +7,7 @@ PROXY_MARK = 0x4C37  # SO_MARK on the proxies' own upstream sockets: never redir
 DNS_TPROXY_MARK = 0x4C38  # fwmark set on locally generated DNS so policy routing sends it to TPROXY
 DNS_TPROXY_TABLE = 0x4C38  # routing table holding `local 0.0.0.0/0 dev lo` for that mark
 WORLD_ID = 2  # identity of an address outside the ipcache
+HTTP_REDIRECT_MARK = 0x4C39  # ct mark of connections the policy sends to the HTTP proxy
+NFLOG_GROUP = 1  # policy drops are logged here, prefix "l7gate:<direction>:<reason>"
+EGRESS_DROP_TAG = 0x4C3A  # packet mark the egress policy puts on a denied packet
+EGRESS_DROP_MARK = 0x4C3B  # fwmark the route chain makes of it: routed to lo, dropped there
