@@ -73,7 +73,7 @@ def test_entries_are_disjoint_and_non_default(setup):
     default = default_verdict(dp)
     seen = {}
     for e in entries:
-        assert e.verdict != default or e.verdict == REDIRECT
+        assert e.verdict != default or e.verdict == REDIRECT or e.drop_reason == "POLICY_DENY"
         for other in seen.get((e.identity, e.proto), []):
             assert e.hi < other.lo or e.lo > other.hi
         seen.setdefault((e.identity, e.proto), []).append(e)
@@ -87,10 +87,10 @@ def test_expected_shapes(setup):
     assert by[(web, "TCP", 80, 80)] == REDIRECT
     assert by[(web, "TCP", 443, 443)] == ALLOW
     assert by[(web, "UDP", 8000, 8049)] == ALLOW
-    assert (web, "UDP", 8050, 8050) not in by  # denied = the default here
+    assert by[(web, "UDP", 8050, 8050)] == DENY  # an explicit deny is emitted, to log POLICY_DENY
     assert by[(admin, "TCP", 0, 21)] == ALLOW and by[(admin, "TCP", 23, 65535)] == ALLOW
     assert by[(admin, "ICMP", 0, 255)] == ALLOW
     assert by[(cidr, "ICMP", 8, 8)] == ALLOW
     assert (world, "ICMP", 8, 8) not in by
     assert by[(other, "TCP", 443, 443)] == ALLOW
-    assert DENY not in {v for (i, *_), v in by.items() if i == other}
+    assert {v for (i, p, lo, hi), v in by.items() if i == other and p == "TCP"} == {ALLOW}
