@@ -1,0 +1,470 @@
+"""The DNS proxy's sockets: transparent UDP and TCP listeners, upstream exchanges, replies.
+
+Interception (the datapath installs it): the workload's DNS to port 53 is marked
+DNS_TPROXY_MARK, policy-routed to `lo` and TPROXY'd to `127.0.0.1:DNS_PROXY_PORT`, so the packets
+keep the server address the client asked for:
+  * UDP: the listener has IP_TRANSPARENT and IP_RECVORIGDSTADDR; `recvmsg` gives the original
+    destination; the reply leaves from that address through a short-lived IP_TRANSPARENT socket
+    bound to it (SO_REUSEADDR; unconnected, so TPROXY never hands it a later query).
+  * TCP: the listener has IP_TRANSPARENT; an accepted socket's local address is the original
+    destination and replies leave from it.
+Every socket the proxy opens carries SO_MARK=PROXY_MARK so the datapath never intercepts it again.
+Upstream: UDP, one connected socket per query (fresh source port, kernel-filtered source); TCP,
+one upstream connection per client connection, queries multiplexed by ID.
+
+The logic is `chain.py`; this module only moves bytes and calls the chain in order
+(`Server.answer`). It never decides anything itself and never crashes on input: every query
+ends in a reply, silence, or a counted error.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from proxy.datapath.constants import DNS_PROXY_PORT, PROXY_MARK
+from proxy.l7.dns import wire
+from proxy.l7.dns.chain import (REFUSED, SERVFAIL, Destination, DNSProtocolError, Learned, Mismatch,
+                                Outstanding, Query, Response, TCPFramer, check_policy, error_reply,
+                                learn, parse_query, refusal, release)
+from proxy.l7.oracle import L7Result, PolicyOracle
+
+log = logging.getLogger("l7gate.dns")
+
+IP_TRANSPARENT = 19
+IP_RECVORIGDSTADDR = 20  # == IP_ORIGDSTADDR, the cmsg type
+SO_MARK = getattr(socket, "SO_MARK", 36)
+MAX_INFLIGHT_PER_TCP = 64
+
+FlowCallback = Callable[[dict], None]
+Exchange = Callable[[Query, Destination], Awaitable[Response]]
+
+
+class UpstreamFailed(Exception):
+    """The upstream could not be reached (refused, reset, closed): the client gets SERVFAIL."""
+
+
+def _set_mark(sock: socket.socket, mark: int | None) -> None:
+    if mark is not None:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+
+def _orig_dst(ancdata) -> tuple[str, int] | None:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
+            port = struct.unpack_from("!H", data, 2)[0]
+            return socket.inet_ntoa(data[4:8]), port
+    return None
+
+
+class Server:
+    """One DNS proxy (UDP + TCP on the same address). Build it with `serve()`."""
+
+    def __init__(self, oracle: PolicyOracle, *, on_flow: FlowCallback | None = None,
+                 reject_rcode: int = REFUSED, upstream_timeout: float = 10.0,
+                 mark: int | None = PROXY_MARK, tcp_idle_timeout: float = 30.0) -> None:
+        self.oracle = oracle
+        self.on_flow = on_flow
+        self.reject_rcode = reject_rcode
+        self.upstream_timeout = upstream_timeout
+        self.mark = mark
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.outstanding = Outstanding()
+        self.stats: Counter[str] = Counter()
+        self.address: tuple[str, int] = ("", 0)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._udp: socket.socket | None = None
+        self._tcp: asyncio.AbstractServer | None = None
+        self._clients: set[_ClientTCP] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def start(self, host: str, port: int) -> None:
+        self._loop = asyncio.get_running_loop()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            for s in (udp, tcp):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                s.setblocking(False)
+            udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+            udp.bind((host, port))
+            tcp.bind((host, udp.getsockname()[1]))
+            tcp.listen(512)
+            self._tcp = await self._loop.create_server(lambda: _ClientTCP(self), sock=tcp)
+        except BaseException:
+            udp.close()
+            tcp.close()
+            raise
+        self._udp = udp
+        self.address = udp.getsockname()
+        self._loop.add_reader(udp.fileno(), self._udp_readable)
+        log.info("DNS proxy listening on %s:%d (UDP, TCP; transparent)", *self.address)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._udp is not None and self._loop is not None:
+            self._loop.remove_reader(self._udp.fileno())
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        for client in list(self._clients):
+            client.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- the chain, once per query, whatever the transport ---------------------------------------
+    async def answer(self, data: bytes, client: tuple[str, int], server: Destination,
+                     exchange: Exchange) -> bytes | None:
+        """parse → policy → forward → learn → release. Returns the bytes for the client, if any."""
+        started = time.monotonic_ns()
+        self.stats["queries"] += 1
+        query: Query | None = None
+        result: L7Result | None = None
+        try:
+            if self._is_self(server):
+                raise DNSProtocolError("addressed to the proxy itself, not intercepted")
+            query = parse_query(data)
+            verdict = check_policy(self.oracle, query, server)
+            result = verdict.result
+            if not verdict.allowed:
+                self.stats["denied"] += 1
+                self._flow(started, client, server, query, "DROPPED", self.reject_rcode,
+                           result=result, reason=verdict.reason)
+                return refusal(query, self.reject_rcode)
+            try:
+                response = await asyncio.wait_for(exchange(query, server), self.upstream_timeout)
+            except TimeoutError:
+                self.stats["upstream_timeouts"] += 1
+                self._flow(started, client, server, query, "ERROR", None, result=result,
+                           reason="upstream timeout: no reply")
+                return None
+            except (UpstreamFailed, OSError) as e:
+                raise DNSProtocolError(f"upstream failed: {e}", SERVFAIL,
+                                       error_reply(query.header, SERVFAIL, query.question)) from None
+            learned = learn(query, response)
+            if learned.learnable:
+                try:
+                    # shielded: a client that goes away must not leave the datapath half-updated
+                    await asyncio.shield(self.oracle.learn(query.qname, list(learned.ips), learned.ttl))
+                except Exception as e:
+                    log.exception("learning %s failed", query.qname)
+                    raise DNSProtocolError(f"learning failed: {e!r}", SERVFAIL,
+                                           error_reply(query.header, SERVFAIL, query.question)) from None
+                self.stats["learned"] += 1
+            self.stats["forwarded"] += 1
+            self._flow(started, client, server, query, "FORWARDED", response.rcode, learned,
+                       result=result, reason=verdict.reason)
+            return release(response, query)
+        except DNSProtocolError as e:
+            self.stats["servfail" if e.rcode == SERVFAIL else
+                       "malformed" if query is None else "errors"] += 1
+            verdict_name = "ERROR" if e.rcode == SERVFAIL else "DROPPED"
+            self._flow(started, client, server, query, verdict_name, e.rcode, result=result,
+                       reason=e.reason)
+            return e.reply
+        except Exception as e:
+            log.exception("DNS query from %s:%d failed", *client)
+            self.stats["servfail"] += 1
+            self._flow(started, client, server, query, "ERROR", SERVFAIL if query else None,
+                       result=result, reason=f"internal error: {e!r}")
+            return error_reply(query.header, SERVFAIL, query.question) if query else None
+
+    def _is_self(self, dest: Destination) -> bool:
+        """A query sent straight to the proxy's port (not intercepted): forwarding it would loop."""
+        host, port = self.address
+        return dest.port == port and (host in ("0.0.0.0", dest.ip)
+                                      or ipaddress.ip_address(dest.ip).is_loopback)
+
+    def _flow(self, started: int, client: tuple[str, int], server: Destination,
+              query: Query | None, verdict: str, rcode: int | None, learned: Learned | None = None,
+              result: L7Result | None = None, reason: str = "") -> None:
+        if self.on_flow is None:
+            return
+        learned = learned or Learned()
+        event = {
+            "type": "dns", "time": time.time(), "direction": "egress", "protocol": server.proto,
+            "src_ip": client[0], "src_port": client[1], "dst_ip": server.ip, "dst_port": server.port,
+            "id": query.id if query else None,
+            "qname": query.qname if query else "",
+            "qtypes": [query.qtype_name] if query else [],
+            "verdict": verdict, "rcode": rcode,
+            "rcode_name": wire.rcode_name(rcode) if rcode is not None else "",
+            "ips": list(learned.ips), "ttl": learned.ttl, "cnames": list(learned.cnames),
+            "rrtypes": list(learned.rrtypes),
+            "policies": list(result.policies) if result else [],
+            "reason": reason, "latency_ns": time.monotonic_ns() - started,
+        }
+        try:
+            self.on_flow(event)
+        except Exception:
+            log.exception("on_flow callback failed")
+
+    # -- UDP --------------------------------------------------------------------------------------
+    def _udp_readable(self) -> None:
+        for _ in range(64):
+            try:
+                data, anc, _flags, client = self._udp.recvmsg(65535, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("UDP receive failed: %s", e)
+                return
+            orig = _orig_dst(anc)
+            if orig is None:
+                self.stats["no_original_destination"] += 1
+                continue
+            self._spawn(self._udp_query(data, client, orig))
+
+    async def _udp_query(self, data: bytes, client: tuple[str, int], orig: tuple[str, int]) -> None:
+        reply = await self.answer(data, client, Destination(orig[0], orig[1], "UDP"),
+                                  self._udp_exchange)
+        if reply is not None:
+            self._udp_reply(orig, client, reply)
+
+    async def _udp_exchange(self, query: Query, server: Destination) -> Response:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            _set_mark(sock, self.mark)
+            sock.connect((server.ip, server.port))
+        except OSError as e:
+            sock.close()
+            raise UpstreamFailed(str(e)) from None
+        waiter = self._loop.create_future()
+        try:
+            transport, proto = await self._loop.create_datagram_endpoint(
+                lambda: _UpstreamUDP(self, waiter), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        pending = self.outstanding.register(proto, query, server)
+        try:
+            transport.sendto(pending.wire)
+            return await waiter
+        finally:
+            self.outstanding.cancel(pending)
+            transport.close()
+
+    def _udp_reply(self, orig: tuple[str, int], client: tuple[str, int], reply: bytes) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _set_mark(s, self.mark)
+            s.setblocking(False)
+            s.bind(orig)
+            s.sendto(reply, client)
+        except OSError as e:
+            self.stats["reply_failed"] += 1
+            log.warning("cannot answer %s:%d from %s:%d: %s", *client, *orig, e)
+        finally:
+            s.close()
+
+
+class _UpstreamUDP(asyncio.DatagramProtocol):
+    def __init__(self, owner: Server, waiter: asyncio.Future) -> None:
+        self.owner = owner
+        self.waiter = waiter
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        try:
+            _, response = self.owner.outstanding.match(self, data, addr)
+        except Mismatch as e:
+            self.owner.stats["answers_discarded"] += 1
+            log.debug("discarded an upstream message: %s", e)
+            return
+        if not self.waiter.done():
+            self.waiter.set_result(response)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.waiter.done():
+            self.waiter.set_exception(UpstreamFailed(str(exc)))
+
+
+# -- TCP ------------------------------------------------------------------------------------------
+class _ClientTCP(asyncio.Protocol):
+    """One intercepted client connection: several queries, answered as each completes."""
+
+    def __init__(self, owner: Server) -> None:
+        self.owner = owner
+        self.framer = TCPFramer()
+        self.transport: asyncio.Transport | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.upstream: _UpstreamTCP | None = None
+        self._connecting = asyncio.Lock()
+        self._paused = False
+        self._last_activity = time.monotonic()
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.owner._clients.add(self)
+        sock = transport.get_extra_info("socket")
+        try:
+            _set_mark(sock, self.owner.mark)
+        except OSError:
+            pass
+        self.client = transport.get_extra_info("peername")[:2]
+        local = transport.get_extra_info("sockname")[:2]
+        self.server = Destination(local[0], local[1], "TCP")
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        loop = self.owner._loop
+        self._idle = loop.call_later(self.owner.tcp_idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        quiet = time.monotonic() - self._last_activity
+        if not self.tasks and quiet >= self.owner.tcp_idle_timeout:
+            self.close()
+        else:
+            self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        for message in self.framer.feed(data):
+            task = self.owner._spawn(self._query(message))
+            self.tasks.add(task)
+            task.add_done_callback(self._done)
+        if len(self.tasks) >= MAX_INFLIGHT_PER_TCP and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self._last_activity = time.monotonic()
+        if self._paused and len(self.tasks) < MAX_INFLIGHT_PER_TCP and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+
+    async def _query(self, message: bytes) -> None:
+        reply = await self.owner.answer(message, self.client, self.server, self._exchange)
+        if reply is not None and not self.transport.is_closing():
+            self.transport.write(TCPFramer.frame(reply))
+
+    async def _exchange(self, query: Query, server: Destination) -> Response:
+        async with self._connecting:
+            if self.upstream is None or self.upstream.closed:
+                self.upstream = await _UpstreamTCP.open(self.owner, server)
+        return await self.upstream.exchange(query)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.owner._clients.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+class _UpstreamTCP(asyncio.Protocol):
+    """The proxy's own connection to the server a client connection addressed."""
+
+    def __init__(self, owner: Server, server: Destination) -> None:
+        self.owner = owner
+        self.server = server
+        self.framer = TCPFramer()
+        self.transport: asyncio.Transport | None = None
+        self.waiters: dict = {}
+        self.closed = False
+
+    @classmethod
+    async def open(cls, owner: Server, server: Destination) -> _UpstreamTCP:
+        loop = owner._loop
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            _set_mark(sock, owner.mark)
+            await loop.sock_connect(sock, (server.ip, server.port))
+            _, proto = await loop.create_connection(lambda: cls(owner, server), sock=sock)
+        except OSError as e:
+            sock.close()
+            raise UpstreamFailed(str(e)) from None
+        except BaseException:
+            sock.close()
+            raise
+        return proto
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")[:2]
+
+    async def exchange(self, query: Query) -> Response:
+        if self.closed:
+            raise UpstreamFailed("upstream connection closed")
+        pending = self.owner.outstanding.register(self, query, self.server)
+        waiter = self.owner._loop.create_future()
+        self.waiters[pending] = waiter
+        try:
+            self.transport.write(TCPFramer.frame(pending.wire))
+            return await waiter
+        finally:
+            self.waiters.pop(pending, None)
+            self.owner.outstanding.cancel(pending)
+
+    def data_received(self, data: bytes) -> None:
+        for message in self.framer.feed(data):
+            try:
+                pending, response = self.owner.outstanding.match(self, message, self.peer)
+            except Mismatch as e:
+                self.owner.stats["answers_discarded"] += 1
+                log.debug("discarded an upstream message: %s", e)
+                continue
+            waiter = self.waiters.pop(pending, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(response)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        for waiter in self.waiters.values():
+            if not waiter.done():
+                waiter.set_exception(UpstreamFailed(f"upstream closed the connection ({exc})"))
+        self.waiters.clear()
+        self.owner.outstanding.cancel_all(self)
+
+
+async def serve(oracle: PolicyOracle, host: str = "127.0.0.1", port: int = DNS_PROXY_PORT, *,
+                on_flow: FlowCallback | None = None, reject_rcode: int = REFUSED,
+                upstream_timeout: float = 10.0, mark: int | None = PROXY_MARK,
+                tcp_idle_timeout: float = 30.0) -> Server:
+    """Start the transparent DNS proxy on host:port (UDP and TCP); `close()` stops it.
+
+    reject_rcode: REFUSED (default) or NXDOMAIN (`--tofqdns-dns-reject-response-code=nameError`).
+    upstream_timeout: seconds to wait for the server (Cilium: 10 s); then the client gets nothing.
+    mark: SO_MARK of every socket the proxy opens (None: leave unmarked, e.g. without NET_ADMIN).
+    on_flow: called with one dict per query (see the package docstring)."""
+    server = Server(oracle, on_flow=on_flow, reject_rcode=reject_rcode,
+                    upstream_timeout=upstream_timeout, mark=mark, tcp_idle_timeout=tcp_idle_timeout)
+    await server.start(host, port)
+    return server

@@ -1,0 +1,237 @@
+"""DNS wire format for the proxy: dnslib, with a name decoder hardened for hostile input.
+
+dnslib parses headers, questions and A/AAAA/CNAME data; names go through `_Buffer.decode_name`,
+which replaces dnslib's recursive one: compression pointers must point backwards, at most 126 of
+them per name (miekg/dns's limit), at most 255 octets per name, labels are kept as raw bytes
+(dnslib's own decoder rejects non-UTF-8 labels and recurses on some pointer loops). Records of
+other types are kept opaque: the proxy relays the upstream's bytes, so it only needs to understand
+what it learns from.
+
+`present` prints a name the way miekg/dns (Cilium's DNS library) does, so policy sees the same
+qname Cilium would: `.`, space, `'`, `@`, `;`, `(`, `)`, `"` and `\\` inside a label are escaped
+with a backslash, bytes outside printable ASCII as `\\DDD`. A label `api.github` therefore reads
+`api\\.github` and can never pass for two labels.
+
+Never raises anything but `WireError` on input bytes.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from dnslib import CNAME, QTYPE, RCODE, DNSBuffer, DNSHeader, DNSLabel, DNSQuestion
+from dnslib.buffer import BufferError as DNSLibBufferError
+from dnslib.dns import DNSError as DNSLibError
+
+# Header flag bits (RFC 1035 §4.1.1, RFC 4035 for AD/CD).
+QR, AA, TC, RD, RA, Z, AD, CD = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080, 0x0040, 0x0020, 0x0010
+OPCODE_QUERY = 0
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+TYPE_A, TYPE_CNAME, TYPE_AAAA, CLASS_IN = 1, 5, 28, 1
+
+HEADER_LEN = 12
+MAX_POINTERS = 126  # miekg/dns maxCompressionPointers
+MAX_NAME_OCTETS = 255
+_SPECIAL = frozenset(b".'@;()\" \\")
+
+Labels = tuple[bytes, ...]
+
+
+class WireError(ValueError):
+    """The bytes are not a DNS message we can read."""
+
+
+class _Buffer(DNSBuffer):
+    def decode_name(self, last: int = -1) -> DNSLabel:
+        data, pos = self.data, self.offset
+        labels: list[bytes] = []
+        octets, pointers, resume = 1, 0, None
+        while True:
+            if pos >= len(data):
+                raise WireError("name runs past the end of the message")
+            length = data[pos]
+            kind = length & 0xC0
+            if kind == 0xC0:
+                if pos + 1 >= len(data):
+                    raise WireError("truncated compression pointer")
+                target = ((length & 0x3F) << 8) | data[pos + 1]
+                pointers += 1
+                if target >= pos or pointers > MAX_POINTERS:
+                    raise WireError("compression pointer loop or forward pointer")
+                if resume is None:
+                    resume = pos + 2
+                pos = target
+            elif kind:
+                raise WireError(f"unsupported label type 0x{kind:02x}")
+            elif length == 0:
+                pos += 1
+                break
+            else:
+                label = bytes(data[pos + 1:pos + 1 + length])
+                if len(label) < length:
+                    raise WireError("label runs past the end of the message")
+                octets += length + 1
+                if octets > MAX_NAME_OCTETS:
+                    raise WireError("name longer than 255 octets")
+                labels.append(label)
+                pos += 1 + length
+        self.offset = resume if resume is not None else pos
+        return DNSLabel(labels)
+
+
+def present(labels: Labels) -> str:
+    """A name in presentation format as miekg/dns prints it (case kept, final dot)."""
+    if not labels:
+        return "."
+    out = []
+    for label in labels:
+        text = []
+        for b in label:
+            if b in _SPECIAL:
+                text.append("\\" + chr(b))
+            elif b < 0x20 or b > 0x7E:
+                text.append(f"\\{b:03d}")
+            else:
+                text.append(chr(b))
+        out.append("".join(text))
+    return ".".join(out) + "."
+
+
+def fold(labels: Labels) -> Labels:
+    """Labels compared as DNS compares names: ASCII case-insensitively."""
+    return tuple(label.lower() for label in labels)
+
+
+def type_name(rtype: int) -> str:
+    return str(QTYPE[rtype])
+
+
+def rcode_name(rcode: int) -> str:
+    return str(RCODE[rcode])
+
+
+@dataclass(frozen=True)
+class Question:
+    labels: Labels
+    qtype: int
+    qclass: int
+
+    @property
+    def name(self) -> str:
+        return present(self.labels)
+
+    @property
+    def key(self) -> tuple[Labels, int, int]:
+        return fold(self.labels), self.qtype, self.qclass
+
+    def to_dnslib(self) -> DNSQuestion:
+        return DNSQuestion(DNSLabel(list(self.labels)), self.qtype, self.qclass)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One resource record; `value` is the address (A/AAAA) or the target labels (CNAME)."""
+    labels: Labels
+    rtype: int
+    rclass: int
+    ttl: int
+    value: str | Labels | None = None
+
+
+@dataclass(frozen=True)
+class Header:
+    id: int
+    flags: int
+    qdcount: int
+    ancount: int
+    nscount: int
+    arcount: int
+
+    @property
+    def qr(self) -> bool:
+        return bool(self.flags & QR)
+
+    @property
+    def opcode(self) -> int:
+        return (self.flags >> 11) & 0xF
+
+    @property
+    def rcode(self) -> int:
+        return self.flags & 0xF
+
+    @property
+    def tc(self) -> bool:
+        return bool(self.flags & TC)
+
+
+@dataclass(frozen=True)
+class Message:
+    header: Header
+    questions: tuple[Question, ...]
+    answers: tuple[Record, ...] | None  # None: sections after the question could not be read
+
+
+def parse_header(data: bytes) -> Header:
+    if len(data) < HEADER_LEN:
+        raise WireError(f"{len(data)} bytes: shorter than a DNS header")
+    h = DNSHeader.parse(_Buffer(data[:HEADER_LEN]))
+    return Header(h.id, h.bitmap, h.q, h.a, h.auth, h.ar)
+
+
+def _question(buf: _Buffer) -> Question:
+    q = DNSQuestion.parse(buf)
+    return Question(tuple(q.qname.label), q.qtype, q.qclass)
+
+
+def _record(buf: _Buffer) -> Record:
+    labels = tuple(buf.decode_name().label)
+    rtype, rclass, ttl, rdlength = buf.unpack("!HHIH")
+    start = buf.offset
+    if start + rdlength > len(buf.data):
+        raise WireError("record data runs past the end of the message")
+    value: str | Labels | None = None
+    if rtype == TYPE_A and rclass == CLASS_IN:
+        if rdlength != 4:
+            raise WireError(f"A record with {rdlength} bytes of data")
+        value = str(ipaddress.IPv4Address(bytes(buf.get(4))))
+    elif rtype == TYPE_AAAA and rclass == CLASS_IN:
+        if rdlength != 16:
+            raise WireError(f"AAAA record with {rdlength} bytes of data")
+        value = str(ipaddress.IPv6Address(bytes(buf.get(16))))
+    elif rtype == TYPE_CNAME:
+        value = tuple(CNAME.parse(buf, rdlength).label.label)
+        if buf.offset != start + rdlength:
+            raise WireError("CNAME target does not fill its record")
+    buf.offset = start + rdlength
+    return Record(labels, rtype, rclass, ttl, value)
+
+
+def parse(data: bytes, questions_only: bool = False) -> Message:
+    """Read a whole message (or only up to the questions); WireError if it is malformed.
+
+    Trailing bytes after the last record are ignored, as miekg/dns does."""
+    header = parse_header(data)
+    buf = _Buffer(data)
+    buf.offset = HEADER_LEN
+    try:
+        questions = tuple(_question(buf) for _ in range(header.qdcount))
+        if questions_only:
+            return Message(header, questions, None)
+        answers = tuple(_record(buf) for _ in range(header.ancount))
+        for _ in range(header.nscount + header.arcount):
+            _record(buf)
+    except WireError:
+        raise
+    except (DNSLibBufferError, DNSLibError, struct.error, ValueError, IndexError) as e:
+        raise WireError(str(e)) from None
+    return Message(header, questions, answers)
+
+
+def parse_questions_then_rest(data: bytes) -> tuple[Message, WireError | None]:
+    """Header and questions (WireError if those fail); the rest, or why it could not be read."""
+    head = parse(data, questions_only=True)
+    try:
+        return parse(data), None
+    except WireError as e:
+        return head, e

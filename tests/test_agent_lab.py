@@ -1,0 +1,99 @@
+"""The agent enforcing real traffic in the namespace lab (root only): Star Wars and DNS.
+
+Each test builds its own lab (unique name), drops policy files into the lab's policies directory
+the way a user would, waits for the agents to apply them, and sends real requests from inside
+the workloads. Labs are torn down even when a test fails.
+"""
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ROOT / "policies"
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
+
+RAW_TWO_REQUESTS = (
+    "import socket,sys\n"
+    "s=socket.create_connection((sys.argv[1],80),timeout=3)\n"
+    "s.sendall(b'POST /v1/request-landing HTTP/1.1\\r\\nHost: deathstar\\r\\nContent-Length: 0\\r\\n\\r\\n'"
+    "+b'PUT /v1/exhaust-port HTTP/1.1\\r\\nHost: deathstar\\r\\nContent-Length: 0\\r\\n\\r\\n')\n"
+    "buf=b''\n"
+    "while buf.count(b'HTTP/1.1')<2 or not buf.endswith((b'landed\\n',b'denied\\r\\n')):\n"
+    "  c=s.recv(65536)\n"
+    "  if not c: break\n"
+    "  buf+=c\n"
+    "sys.stdout.write(buf.decode())\n")
+
+
+def start_lab(file: str, tag: str):
+    from proxy.lab.commands import start
+    return start(ROOT / "lab" / file, name=f"{tag}{os.getpid() % 10000}")
+
+
+@pytest.fixture
+def starwars():
+    lab = start_lab("starwars.yaml", "tsw")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def apply(lab, *files: str, wait: float = 2.0) -> None:
+    """Replace the lab's policies with these files and give the agents time to sync."""
+    d = Path(lab.policies_dir)
+    for old in d.glob("*.yaml"):
+        old.unlink()
+    for f in files:
+        shutil.copy(POLICIES / f, d / Path(f).name)
+    time.sleep(wait)
+
+
+def post(lab, ship: str, method: str = "POST", path: str = "/v1/request-landing", timeout: float = 2.0):
+    r = lab.client(ship, "--method", method, "--url", f"http://deathstar{path}", timeout=timeout)
+    return r.stdout.strip()
+
+
+def test_starwars_l3_l4_then_l7_then_bad_reload(starwars):
+    lab = starwars
+    assert post(lab, "xwing") == "Ship landed"
+    assert post(lab, "tiefighter") == "Ship landed"
+
+    apply(lab, "starwars/l3-l4.yaml")
+    assert post(lab, "tiefighter") == "Ship landed"
+    assert post(lab, "xwing") == "TIMEOUT"  # dropped SYN: the client hangs, no RST
+
+    apply(lab, "starwars/l3-l4-l7.yaml")
+    assert post(lab, "tiefighter") == "Ship landed"
+    assert post(lab, "tiefighter", "PUT", "/v1/exhaust-port") == "Access denied"
+    assert post(lab, "xwing") == "TIMEOUT"
+    # Two requests on one keep-alive connection: the second is checked too.
+    out = lab.run("tiefighter", ["python3", "-c", RAW_TWO_REQUESTS, lab.ip("deathstar-1")], timeout=10)
+    assert "Ship landed" in out.stdout
+    assert "HTTP/1.1 403 Forbidden" in out.stdout and out.stdout.rstrip().endswith("Access denied")
+    assert "exploded" not in out.stdout
+
+    # An invalid version of the policy file: reported, and the previous policy stays in force.
+    bad = Path(lab.policies_dir) / "l3-l4-l7.yaml"
+    bad.write_text(bad.read_text().replace("endpointSelector", "endpointSelectr"))
+    time.sleep(2.0)
+    assert post(lab, "tiefighter", "PUT", "/v1/exhaust-port") == "Access denied"
+    assert post(lab, "tiefighter") == "Ship landed"
+
+
+def test_agent_killed_fails_closed(starwars):
+    lab = starwars
+    apply(lab, "starwars/l3-l4-l7.yaml")
+    assert post(lab, "tiefighter", "PUT", "/v1/exhaust-port") == "Access denied"
+    agent = next(r for r in lab.data["resources"] if r["kind"] == "proc"
+                 and r["id"] == "deathstar-1/agent")
+    os.kill(agent["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    url = f"http://{lab.ip('deathstar-1')}/v1/exhaust-port"
+    r = lab.client("tiefighter", "--method", "PUT", "--url", url, timeout=2)
+    assert r.stdout.strip() in ("REFUSED", "TIMEOUT", "RESET", "EMPTY"), r.stdout
+    assert "exploded" not in r.stdout

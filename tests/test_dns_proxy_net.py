@@ -1,0 +1,601 @@
+"""The DNS proxy over real sockets, with the TPROXY interception the datapath installs.
+
+Two network namespaces of our own, joined by a veth pair:
+  client ns  10.200.0.41 (mediabot): the interception (an nft table marking DNS in a `route`
+             output chain, `ip rule fwmark → local 0.0.0.0/0 dev lo`, `tproxy ip to
+             127.0.0.1:DNS_PROXY_PORT` in prerouting), the proxy (an event loop in a thread that
+             entered this namespace), and the workload: a separate process under `ip netns exec`
+             that sends dnslib-built queries over plain UDP and TCP sockets to port 53.
+  server ns  dnslib-answered authoritative servers (sockets created inside that namespace):
+             10.200.0.53 kube-dns (the zone below), 10.200.0.54 another resolver (other data),
+             10.200.0.55 a spoofer (wrong ID, wrong question, wrong source, then the truth),
+             10.200.0.56 a server that never answers.
+The policy comes from the real engine (EngineOracle) over policies/dns/matchname.yaml or the
+corpus' policy-dns-rules.yaml; its `open_ips` hook records when the IPs were "opened", so the
+tests can prove the answer is released only afterwards. Everything is removed at the end (the
+namespaces, and with them the nft table, rules and routes).
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
+
+from proxy.agent.oracle import EngineOracle
+from proxy.datapath.constants import (DNS_PROXY_PORT, DNS_TPROXY_MARK, DNS_TPROXY_TABLE, PROXY_MARK)
+from proxy.l7.dns import server as dns_server
+from proxy.policy.endpoint import load_endpoints_file
+from proxy.policy.engine import Engine
+from proxy.policy.load import load_paths
+
+ROOT = Path(__file__).resolve().parent.parent
+MATCHNAME = ["policies/dns/matchname.yaml"]
+OWN_POLICY = ["tests/data/dns_corpus/policy-dns-rules.yaml"]
+OPEN_DELAY = 0.05  # the "datapath" takes this long to open learned IPs
+UPSTREAM_TIMEOUT = 0.5
+
+KUBE_DNS, OTHER, SPOOFER, SILENT, FORGER = "10.200.0.53", "10.200.0.54", "10.200.0.55", "10.200.0.56", "10.200.0.57"
+ZONES = {
+    KUBE_DNS: [
+        "api.github.com. 60 IN A 192.0.2.10",
+        "api.github.com. 60 IN AAAA 2001:db8::10",
+        "support.github.com. 60 IN A 192.0.2.11",
+        "github.com. 120 IN A 192.0.2.12",
+        "github.com. 120 IN AAAA 2001:db8::12",
+        "www.github.com. 300 IN CNAME github.com.",
+    ],
+    OTHER: [
+        "api.github.com. 30 IN A 192.0.2.110",
+        "support.github.com. 30 IN A 192.0.2.111",
+    ],
+    SPOOFER: ["api.github.com. 60 IN A 192.0.2.10"],
+    SILENT: [],
+}
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"),
+    reason="needs root, iproute2 and nftables (network namespaces)")
+
+
+# -- namespaces -----------------------------------------------------------------------------------
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+def setns(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def sh(*args: str, stdin: str | None = None) -> None:
+    subprocess.run(args, input=stdin, text=True, check=True, capture_output=True)
+
+
+def nft_interception(table: str) -> str:
+    """What the datapath does for DNS (DNS_TPROXY_MARK, tproxy to the proxy port)."""
+    return f"""
+table inet {table} {{
+  chain dns_mark {{
+    type route hook output priority mangle; policy accept;
+    meta mark {PROXY_MARK:#x} return
+    ip daddr != 127.0.0.0/8 udp dport 53 meta mark set {DNS_TPROXY_MARK:#x}
+    ip daddr != 127.0.0.0/8 tcp dport 53 meta mark set {DNS_TPROXY_MARK:#x}
+  }}
+  chain dns_tproxy {{
+    type filter hook prerouting priority mangle; policy accept;
+    meta mark {DNS_TPROXY_MARK:#x} meta l4proto udp tproxy ip to 127.0.0.1:{DNS_PROXY_PORT} accept
+    meta mark {DNS_TPROXY_MARK:#x} meta l4proto tcp tproxy ip to 127.0.0.1:{DNS_PROXY_PORT} accept
+  }}
+}}
+"""
+
+
+class NetnsLoop:
+    """An event loop (uvloop, as the agent runs) in a thread that lives in a network namespace."""
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        self.loop: asyncio.AbstractEventLoop | None = None
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def main() -> None:
+            try:
+                setns(f"/run/netns/{netns}")
+                try:
+                    import uvloop
+                    self.loop = uvloop.new_event_loop()
+                except ImportError:
+                    self.loop = asyncio.new_event_loop()
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                ready.set()
+                return
+            asyncio.set_event_loop(self.loop)
+            ready.set()
+            self.loop.run_forever()
+            self.loop.close()
+
+        self.thread = threading.Thread(target=main, name=f"netns-{netns}", daemon=True)
+        self.thread.start()
+        ready.wait(5)
+        if errors:
+            raise errors[0]
+
+    def run(self, coro, timeout: float = 10.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+# -- the authoritative side -----------------------------------------------------------------------
+class Authority:
+    """dnslib answers for one address, UDP and TCP; `behaviour` = normal | spoofer | silent."""
+
+    def __init__(self, ip: str, records: list[str], behaviour: str = "normal") -> None:
+        self.ip = ip
+        self.rrs = [rr for line in records for rr in RR.fromZone(line)]
+        self.behaviour = behaviour
+        self.seen: list[tuple[str, str, str]] = []  # (proto, qname, qtype) of every query received
+
+    def answer(self, data: bytes) -> DNSRecord:
+        request = DNSRecord.parse(data)
+        q = request.q
+        self.seen.append(("?", str(q.qname).lower(), QTYPE[q.qtype]))
+        reply = request.reply()
+        name = q.qname
+        for _ in range(8):  # follow CNAMEs inside the zone
+            cname = [rr for rr in self.rrs if rr.rname == name and rr.rtype == QTYPE.CNAME]
+            if cname and q.qtype != QTYPE.CNAME:
+                reply.add_answer(*cname)
+                name = cname[0].rdata.label
+                continue
+            reply.add_answer(*[rr for rr in self.rrs if rr.rname == name and rr.rtype == q.qtype])
+            break
+        if not any(rr.rname == q.qname for rr in self.rrs):
+            reply.header.rcode = RCODE.NXDOMAIN
+        return reply
+
+    def bind(self, forger_ip: str) -> None:
+        """Create the sockets (call inside the server namespace)."""
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind((self.ip, 53))
+        self.udp.setblocking(False)
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind((self.ip, 53))
+        self.tcp.listen(16)
+        self.tcp.setblocking(False)
+        self.forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.forger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.forger.bind((forger_ip, 0))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.udp.fileno(), self._udp_readable)
+        self.tcp_server = await asyncio.start_server(self._tcp_client, sock=self.tcp)
+
+    def _udp_readable(self) -> None:
+        try:
+            data, client = self.udp.recvfrom(65535)
+        except BlockingIOError:
+            return
+        reply = self.answer(data)
+        self.seen[-1] = ("udp",) + self.seen[-1][1:]
+        if self.behaviour == "silent":
+            return
+        if self.behaviour == "spoofer":
+            for forged in self.forgeries(reply):
+                self.udp.sendto(forged, client)
+            self.forger.sendto(reply.pack(), client)  # right ID and question, wrong source address
+        self.udp.sendto(reply.pack(), client)
+
+    @staticmethod
+    def forgeries(reply: DNSRecord) -> list[bytes]:
+        evil = DNSRecord.parse(reply.pack())
+        for rr in evil.rr:
+            rr.rdata = A("203.0.113.66")
+        wrong_id = DNSRecord.parse(evil.pack())
+        wrong_id.header.id ^= 0x5555
+        wrong_q = DNSRecord.parse(evil.pack())
+        wrong_q.q.qname = "evil.example."
+        return [wrong_id.pack(), wrong_q.pack(), b"\xff" * 7]
+
+    async def _tcp_client(self, reader, writer) -> None:
+        try:
+            while True:
+                head = await reader.readexactly(2)
+                data = await reader.readexactly(struct.unpack("!H", head)[0])
+                reply = self.answer(data)
+                self.seen[-1] = ("tcp",) + self.seen[-1][1:]
+                if self.behaviour == "silent":
+                    continue
+                out = reply.pack()
+                if self.behaviour == "spoofer":
+                    for forged in self.forgeries(reply):
+                        writer.write(struct.pack("!H", len(forged)) + forged)
+                writer.write(struct.pack("!H", len(out)) + out)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.udp.fileno())
+        self.tcp_server.close()
+        for s in (self.udp, self.forger):
+            s.close()
+
+
+# -- the workload: a separate process in the client namespace -------------------------------------
+CLIENT = r'''
+import json, socket, struct, sys, time
+def frames(sock, n, timeout):
+    sock.settimeout(timeout)
+    buf, out, times = b"", [], []
+    try:
+        while len(out) < n:
+            chunk = sock.recv(65535)
+            if not chunk:
+                break
+            buf += chunk
+            while len(buf) >= 2 and len(buf) >= 2 + struct.unpack("!H", buf[:2])[0]:
+                size = struct.unpack("!H", buf[:2])[0]
+                out.append(buf[2:2 + size].hex()); times.append(time.monotonic()); buf = buf[2 + size:]
+    except socket.timeout:
+        pass
+    return out, times
+for line in sys.stdin:
+    cmd = json.loads(line)
+    res = {}
+    t0 = time.monotonic()
+    if cmd["op"] == "udp":
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(cmd["timeout"])
+        s.sendto(bytes.fromhex(cmd["data"]), (cmd["server"], cmd["port"]))
+        replies = []
+        try:
+            while len(replies) < cmd.get("count", 1):
+                data, peer = s.recvfrom(65535)
+                replies.append({"data": data.hex(), "from": list(peer), "t": time.monotonic()})
+        except socket.timeout:
+            pass
+        s.close()
+        res = {"replies": replies}
+    elif cmd["op"] == "tcp":
+        s = socket.create_connection((cmd["server"], cmd["port"]), timeout=cmd["timeout"])
+        res["peer"] = list(s.getpeername())
+        for chunk in cmd["chunks"]:
+            s.sendall(bytes.fromhex(chunk))
+            time.sleep(cmd.get("gap", 0))
+        out, times = frames(s, cmd["count"], cmd["timeout"])
+        s.close()
+        res.update(replies=[{"data": d, "t": t} for d, t in zip(out, times)])
+    res["t0"] = t0
+    print(json.dumps(res), flush=True)
+'''
+
+
+class Workload:
+    def __init__(self, netns: str) -> None:
+        self.proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", CLIENT],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def call(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the workload process died"
+        return json.loads(line)
+
+    def udp(self, data: bytes, server: str = KUBE_DNS, port: int = 53, timeout: float = 2.0,
+            count: int = 1) -> list[dict]:
+        return self.call(op="udp", data=data.hex(), server=server, port=port, timeout=timeout,
+                         count=count)["replies"]
+
+    def tcp(self, chunks: list[bytes], count: int, server: str = KUBE_DNS, gap: float = 0.0,
+            timeout: float = 2.0) -> dict:
+        return self.call(op="tcp", chunks=[c.hex() for c in chunks], server=server, port=53,
+                         count=count, gap=gap, timeout=timeout)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(5)
+
+
+# -- the lab --------------------------------------------------------------------------------------
+class Lab:
+    def __init__(self) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.client_ns, self.server_ns = f"l7gdns{tag}c", f"l7gdns{tag}s"
+        self.opened: list[dict] = []
+        self.flows: list[dict] = []
+        self.authorities = {ip: Authority(ip, rrs, {SPOOFER: "spoofer", SILENT: "silent"}.get(ip, "normal"))
+                            for ip, rrs in ZONES.items()}
+
+    def up(self) -> None:
+        c, s = self.client_ns, self.server_ns
+        vc, vs = f"{c[:-1]}vc", f"{c[:-1]}vs"
+        sh("ip", "netns", "add", c)
+        sh("ip", "netns", "add", s)
+        sh("ip", "link", "add", vc, "netns", c, "type", "veth", "peer", "name", vs, "netns", s)
+        sh("ip", "-n", c, "addr", "add", "10.200.0.41/24", "dev", vc)
+        for ip in ZONES | {FORGER: []}:
+            sh("ip", "-n", s, "addr", "add", f"{ip}/24", "dev", vs)
+        for ns, dev in ((c, vc), (s, vs)):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", c, "nft", "-f", "-", stdin=nft_interception("l7gdns_test"))
+        sh("ip", "-n", c, "rule", "add", "fwmark", str(DNS_TPROXY_MARK), "lookup", str(DNS_TPROXY_TABLE))
+        sh("ip", "-n", c, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", str(DNS_TPROXY_TABLE))
+
+        self.loop = NetnsLoop(c)
+        self.oracle = EngineOracle(self.engine(MATCHNAME), "mediabot", open_ips=self.open_ips)
+        self.loop.run(self._start())
+        self.workload = Workload(c)
+
+    async def _start(self) -> None:
+        setns(f"/run/netns/{self.server_ns}")  # sockets created now belong to the server ns
+        try:
+            for auth in self.authorities.values():
+                auth.bind(FORGER)
+        finally:
+            setns(f"/run/netns/{self.client_ns}")
+        for auth in self.authorities.values():
+            await auth.start()
+        self.proxy = await dns_server.serve(self.oracle, "127.0.0.1", DNS_PROXY_PORT,
+                                            on_flow=self.flows.append,
+                                            upstream_timeout=UPSTREAM_TIMEOUT)
+
+    async def _stop(self) -> None:
+        self.proxy.close()
+        await self.proxy.wait_closed()
+        for auth in self.authorities.values():
+            auth.close()
+
+    def down(self) -> None:
+        try:
+            if getattr(self, "workload", None):
+                self.workload.close()
+            if getattr(self, "loop", None):
+                try:
+                    self.loop.run(self._stop())
+                finally:
+                    self.loop.stop()
+        finally:
+            for ns in (self.client_ns, self.server_ns):
+                subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+    @staticmethod
+    def engine(policies: list[str]) -> Engine:
+        eps, svcs = load_endpoints_file(str(ROOT / "policies/dns/endpoints.yaml"))
+        return Engine(load_paths([str(ROOT / p) for p in policies]).policies, eps, svcs,
+                      clock=time.time)
+
+    def use(self, policies: list[str]) -> None:
+        self.oracle.engine = self.engine(policies)  # as the agent swaps engines on reload
+
+    async def open_ips(self, name: str, ips: list[str], ttl: int) -> None:
+        started = time.monotonic()
+        await asyncio.sleep(OPEN_DELAY)
+        self.opened.append({"name": name, "ips": ips, "ttl": ttl, "started": started,
+                            "done": time.monotonic()})
+
+    def reset(self) -> None:
+        self.opened.clear()
+        self.flows.clear()
+        for auth in self.authorities.values():
+            auth.seen.clear()
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab()
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+    gone = subprocess.run(["ip", "netns", "pids", lab.client_ns], check=False, capture_output=True)
+    assert gone.returncode != 0, "the namespaces are removed"
+
+
+@pytest.fixture
+def mediabot(lab):
+    lab.use(MATCHNAME)
+    lab.reset()
+    return lab
+
+
+@pytest.fixture
+def own_policy(lab):
+    lab.use(OWN_POLICY)
+    lab.reset()
+    return lab
+
+
+def query(name: str, qtype: str = "A", qid: int = 0x4242) -> bytes:
+    q = DNSRecord.question(name, qtype)
+    q.header.id = qid
+    return q.pack()
+
+
+def addresses(reply: DNSRecord) -> list[str]:
+    return [str(rr.rdata) for rr in reply.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_allowed_name_gets_the_servers_records_after_the_ips_are_open(mediabot):
+    (reply,) = mediabot.workload.udp(query("api.github.com", qid=0x0101))
+    msg = DNSRecord.parse(bytes.fromhex(reply["data"]))
+    assert tuple(reply["from"]) == (KUBE_DNS, 53), "answered from the address the client asked"
+    assert msg.header.id == 0x0101 and msg.header.rcode == RCODE.NOERROR
+    assert addresses(msg) == ["192.0.2.10"] and msg.rr[0].ttl == 60, "records and TTL as served"
+    assert mediabot.authorities[KUBE_DNS].seen == [("udp", "api.github.com.", "A")]
+    (opened,) = mediabot.opened
+    assert (opened["name"], opened["ips"], opened["ttl"]) == ("api.github.com.", ["192.0.2.10"], 60)
+    assert opened["done"] <= reply["t"], "the answer is released only once the IPs are open"
+    assert mediabot.oracle.cache.lookup("api.github.com", time.time()) == {"192.0.2.10"}
+    (flow,) = mediabot.flows
+    assert (flow["verdict"], flow["protocol"], flow["src_ip"], flow["dst_ip"], flow["ips"]) == \
+        ("FORWARDED", "UDP", "10.200.0.41", KUBE_DNS, ["192.0.2.10"])
+
+
+def test_cname_chain_learned_for_the_name_queried(mediabot):
+    (reply,) = mediabot.workload.udp(query("www.github.com"))
+    msg = DNSRecord.parse(bytes.fromhex(reply["data"]))
+    assert [QTYPE[rr.rtype] for rr in msg.rr] == ["CNAME", "A"] and addresses(msg) == ["192.0.2.12"]
+    (opened,) = mediabot.opened
+    assert (opened["name"], opened["ips"], opened["ttl"]) == ("www.github.com.", ["192.0.2.12"], 120)
+    assert mediabot.oracle.cache.lookup("github.com", time.time()) == set()
+
+
+def test_denied_name_is_refused_at_once_and_never_asked(own_policy):
+    before = time.monotonic()
+    (reply,) = own_policy.workload.udp(query("support.github.com", qid=0x0202))
+    msg = DNSRecord.parse(bytes.fromhex(reply["data"]))
+    assert msg.header.rcode == RCODE.REFUSED and msg.header.id == 0x0202
+    assert str(msg.q.qname) == "support.github.com." and msg.rr == []
+    assert reply["t"] - before < 0.5
+    assert own_policy.authorities[KUBE_DNS].seen == [], "a denied query never reaches the server"
+    assert own_policy.opened == []
+    assert [f["verdict"] for f in own_policy.flows] == ["DROPPED"]
+
+
+def test_escaped_dot_name_is_refused(own_policy):
+    q = DNSRecord.question("x.com")
+    q.q.qname.label = (b"api.github", b"com")  # one label "api.github", then "com"
+    (reply,) = own_policy.workload.udp(q.pack())
+    assert DNSRecord.parse(bytes.fromhex(reply["data"])).header.rcode == RCODE.REFUSED
+    assert own_policy.authorities[KUBE_DNS].seen == []
+
+
+def test_other_resolver_is_asked_and_its_answer_learned(own_policy):
+    (reply,) = own_policy.workload.udp(query("support.github.com"), server=OTHER)
+    msg = DNSRecord.parse(bytes.fromhex(reply["data"]))
+    assert tuple(reply["from"]) == (OTHER, 53)
+    assert addresses(msg) == ["192.0.2.111"], "the other resolver's own data"
+    assert own_policy.authorities[OTHER].seen == [("udp", "support.github.com.", "A")]
+    assert own_policy.authorities[KUBE_DNS].seen == []
+    assert own_policy.opened[0]["ips"] == ["192.0.2.111"]
+
+
+def test_spoofed_answers_are_discarded(own_policy):
+    discarded = own_policy.proxy.stats["answers_discarded"]
+    replies = own_policy.workload.udp(query("api.github.com"), server=SPOOFER, count=2, timeout=1.0)
+    assert len(replies) == 1, "the client sees exactly one answer"
+    assert addresses(DNSRecord.parse(bytes.fromhex(replies[0]["data"]))) == ["192.0.2.10"]
+    assert own_policy.opened[0]["ips"] == ["192.0.2.10"], "nothing forged was ever opened"
+    # wrong ID, wrong question, garbage; the wrong-source copy never passes the connected socket
+    assert own_policy.proxy.stats["answers_discarded"] - discarded == 3
+
+
+def test_spoofed_answers_are_discarded_over_tcp(own_policy):
+    res = own_policy.workload.tcp([struct.pack("!H", len(q)) + q for q in [query("api.github.com")]],
+                                  count=2, server=SPOOFER, timeout=1.0)
+    assert len(res["replies"]) == 1
+    assert addresses(DNSRecord.parse(bytes.fromhex(res["replies"][0]["data"]))) == ["192.0.2.10"]
+    assert own_policy.opened[0]["ips"] == ["192.0.2.10"]
+
+
+def test_silent_upstream_means_no_reply(own_policy):
+    assert own_policy.workload.udp(query("api.github.com"), server=SILENT, timeout=UPSTREAM_TIMEOUT + 0.5) == []
+    assert own_policy.authorities[SILENT].seen == [("udp", "api.github.com.", "A")]
+    assert [f["verdict"] for f in own_policy.flows] == ["ERROR"]
+    assert len(own_policy.proxy.outstanding) == 0
+
+
+def test_silent_upstream_over_tcp_and_a_client_that_gives_up(own_policy):
+    res = own_policy.workload.tcp([struct.pack("!H", len(q)) + q for q in [query("api.github.com")]],
+                                  count=1, server=SILENT, timeout=0.2)
+    assert res["replies"] == []  # the client closed before the upstream timeout
+    time.sleep(UPSTREAM_TIMEOUT)
+    assert len(own_policy.proxy.outstanding) == 0, "nothing left outstanding"
+
+
+def test_unreachable_resolver_is_servfail(own_policy):
+    # 10.200.0.57 exists but serves nothing on port 53: ICMP port unreachable / TCP RST
+    before = time.monotonic()
+    (reply,) = own_policy.workload.udp(query("api.github.com", qid=0x0C01), server=FORGER)
+    assert reply["t"] - before < UPSTREAM_TIMEOUT, "at once, not after a timeout"
+    assert DNSRecord.parse(bytes.fromhex(reply["data"])).header.rcode == RCODE.SERVFAIL
+    res = own_policy.workload.tcp([struct.pack("!H", len(q)) + q for q in [query("api.github.com", qid=0x0C02)]],
+                                  count=1, server=FORGER)
+    (tcp_reply,) = res["replies"]
+    assert DNSRecord.parse(bytes.fromhex(tcp_reply["data"])).header.rcode == RCODE.SERVFAIL
+    assert tcp_reply["t"] - res["t0"] < UPSTREAM_TIMEOUT
+    assert [f["verdict"] for f in own_policy.flows] == ["ERROR", "ERROR"]
+
+
+def test_nxdomain_is_relayed(mediabot):
+    (reply,) = mediabot.workload.udp(query("nope.github.com"))
+    assert DNSRecord.parse(bytes.fromhex(reply["data"])).header.rcode == RCODE.NXDOMAIN
+    assert mediabot.opened == []
+
+
+def test_tcp_several_queries_split_anyhow_on_one_connection(mediabot):
+    msgs = [query("api.github.com", "A", 0x0A01), query("www.github.com", "A", 0x0A02),
+            query("api.github.com", "AAAA", 0x0A03)]
+    stream = b"".join(struct.pack("!H", len(m)) + m for m in msgs)
+    chunks = [stream[:1], stream[1:20], stream[20:45], stream[45:]]  # cut mid-length, mid-message
+    res = mediabot.workload.tcp(chunks, count=3, gap=0.02)
+    assert tuple(res["peer"]) == (KUBE_DNS, 53)
+    got = {m.header.id: m for m in (DNSRecord.parse(bytes.fromhex(r["data"])) for r in res["replies"])}
+    assert addresses(got[0x0A01]) == ["192.0.2.10"]
+    assert addresses(got[0x0A02]) == ["192.0.2.12"]
+    assert addresses(got[0x0A03]) == ["2001:db8::10"]
+    assert sorted(o["name"] for o in mediabot.opened) == ["api.github.com.", "api.github.com.", "www.github.com."]
+    assert {s[0] for s in mediabot.authorities[KUBE_DNS].seen} == {"tcp"}
+    last_open = max(o["done"] for o in mediabot.opened)
+    assert last_open <= max(r["t"] for r in res["replies"])
+
+
+def test_tcp_denied_and_malformed_then_allowed_on_one_connection(own_policy):
+    bad = query("api.github.com", qid=0x0B01)[:15]  # header + a cut name
+    msgs = [bad, query("support.github.com", qid=0x0B02), query("api.github.com", qid=0x0B03)]
+    res = own_policy.workload.tcp([b"".join(struct.pack("!H", len(m)) + m for m in msgs)], count=3)
+    got = {m.header.id: m for m in (DNSRecord.parse(bytes.fromhex(r["data"])) for r in res["replies"])}
+    assert got[0x0B01].header.rcode == RCODE.FORMERR
+    assert got[0x0B02].header.rcode == RCODE.REFUSED
+    assert addresses(got[0x0B03]) == ["192.0.2.10"]
+    assert own_policy.authorities[KUBE_DNS].seen == [("tcp", "api.github.com.", "A")]
+
+
+def test_malformed_packets_do_not_hurt_the_next_query(mediabot):
+    assert mediabot.workload.udp(b"\x13\x37garb", timeout=0.3) == []  # no header: silence
+    loop_q = bytes.fromhex("1234 0100 0001 0000 0000 0000 01 61 c00c 0001 0001".replace(" ", ""))
+    (reply,) = mediabot.workload.udp(loop_q)  # compression loop: FORMERR
+    assert DNSRecord.parse(bytes.fromhex(reply["data"])).header.rcode == RCODE.FORMERR
+    two = DNSRecord.question("api.github.com")
+    two.add_question(DNSRecord.question("evil.example").q)
+    (reply,) = mediabot.workload.udp(two.pack())
+    assert DNSRecord.parse(bytes.fromhex(reply["data"])).header.rcode == RCODE.FORMERR
+    assert mediabot.authorities[KUBE_DNS].seen == [], "nothing malformed was forwarded"
+    (reply,) = mediabot.workload.udp(query("api.github.com"))
+    assert addresses(DNSRecord.parse(bytes.fromhex(reply["data"]))) == ["192.0.2.10"]
+
+
+def test_the_proxy_port_itself_is_not_a_resolver(mediabot):
+    assert mediabot.workload.udp(query("api.github.com"), server="127.0.0.1", port=DNS_PROXY_PORT,
+                                 timeout=0.3) == []
+    assert mediabot.authorities[KUBE_DNS].seen == []
