@@ -97,3 +97,59 @@ def test_agent_killed_fails_closed(starwars):
     r = lab.client("tiefighter", "--method", "PUT", "--url", url, timeout=2)
     assert r.stdout.strip() in ("REFUSED", "TIMEOUT", "RESET", "EMPTY"), r.stdout
     assert "exploded" not in r.stdout
+
+
+@pytest.fixture
+def dnslab():
+    lab = start_lab("dns.yaml", "tdn")
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def get(lab, url: str, timeout: float = 2.0) -> str:
+    return lab.client("mediabot", "--url", url, timeout=timeout).stdout.strip()
+
+
+def test_dns_matchname_then_pattern_then_port(dnslab):
+    lab = dnslab
+    apply(lab, "dns/matchname.yaml")
+    assert get(lab, "http://api.github.com/").startswith("api.github.com")
+    assert get(lab, "http://support.github.com/") == "TIMEOUT"  # resolves, but not allowed
+    apply(lab, "dns/matchpattern.yaml")
+    assert get(lab, "http://support.github.com/").startswith("support.github.com")
+    assert get(lab, "http://github.com/") == "TIMEOUT"  # `*.` needs a subdomain
+    apply(lab, "dns/pattern-port-443.yaml")
+    assert get(lab, "http://github.com:443/").startswith("github.com")
+    assert get(lab, "http://support.github.com:443/").startswith("support.github.com")
+    assert get(lab, "http://support.github.com/") == "TIMEOUT"  # port 80 is not allowed
+
+
+def test_dns_rules_refuse_names_and_learned_ips_open_only_allowed_ports(dnslab):
+    lab = dnslab
+    d = Path(lab.policies_dir)
+    shutil.copy(ROOT / "tests/data/agent/dns-rules-github.yaml", d / "dns-rules.yaml")
+    time.sleep(2.0)
+    assert get(lab, "http://api.github.com/").startswith("api.github.com")
+    r = lab.client("mediabot", "--url", "http://cilium-io.example/", timeout=2)
+    assert r.stdout.strip() == "UNRESOLVED"  # REFUSED by the DNS proxy
+    r = lab.run("mediabot", ["python3", "-c",
+                             "import socket; print(socket.gethostbyname('api.github.com'))"], timeout=5)
+    ip = r.stdout.strip()
+    assert ip == "192.0.2.10"
+    assert get(lab, f"http://{ip}:443/") == "TIMEOUT"  # learned, but only port 80 is open
+
+
+def test_dns_ttl_expiry_closes_new_connections():
+    from proxy.lab.commands import start
+    lab = start(ROOT / "tests/data/agent/dns-ttl-lab.yaml", name=f"tdt{os.getpid() % 10000}")
+    try:
+        apply(lab, "dns/matchname.yaml")
+        assert get(lab, "http://api.github.com/").startswith("api.github.com")
+        assert get(lab, "http://192.0.2.10/").startswith("api.github.com")  # still within the TTL
+        time.sleep(3.5)
+        assert get(lab, "http://192.0.2.10/") == "TIMEOUT"  # expired: no new connections
+        assert get(lab, "http://api.github.com/").startswith("api.github.com")  # learned again
+    finally:
+        lab.down()
