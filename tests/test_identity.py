@@ -43,11 +43,14 @@ def test_reserved_label_set_gets_reserved_number():
     assert alloc.for_labels(LabelSet.of([Label("reserved", "init")])).id == 5
 
 
-def test_ip_identity_is_node_local_and_world():
-    ident = IdentityAllocator().for_ip("192.0.2.7")
+def test_local_identity_is_node_local_and_stable_per_label_set():
+    alloc = IdentityAllocator()
+    labels = LabelSet.of([Label("reserved", "world"), Label("cidr", "192.0.2.0/24")])
+    ident = alloc.for_local(labels)
     assert ident.id >= LOCAL_MIN
-    assert "reserved:world" in ident.labels.strings()
-    assert "cidr:192.0.2.7/32" in ident.labels.strings()
+    assert alloc.for_local(LabelSet.of(list(labels))).id == ident.id
+    assert [str(n) for n in ident.nets] == ["192.0.2.0/24"]
+    assert alloc.for_local(LabelSet.of([Label("reserved", "world")])).id == 2
 
 
 def test_endpoint_derives_cilium_labels():

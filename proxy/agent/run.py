@@ -84,6 +84,7 @@ class Agent:
         self.engine = self._engine([], [])
         self.oracle = EngineOracle(self.engine, cfg.name, open_ips=self._open_ips)
         self._registry_version: tuple | None = None
+        self._table_ids: set[int] = set()
         self._ready = False
         self.flows: list[dict] = []
 
@@ -113,10 +114,25 @@ class Agent:
         state = build_state(self.engine, self.engine.peer(self.me.name), self.cfg.http_port,
                             self.cfg.dns_port)
         nft.apply(dp_compile.compile_table(state))
+        self._table_ids = ({2} | set(state.ipcache.values())
+                           | {ident for ident, _ in state.fqdn.values()})
 
     async def _open_ips(self, qname: str, ips: list[str], ttl: int) -> None:
-        """A DNS answer was learned (already in the cache): open matching IPs before release."""
-        self.apply()
+        """A DNS answer was learned (already in the cache): open matching IPs before release.
+
+        Usually the IPs' identity (world + prefixes + matching toFQDNs selectors) is already in
+        the table, so adding the elements is enough; a new identity needs its policy entries,
+        which means a full (still atomic) table update."""
+        elements = []
+        for ip in ips:
+            if self.engine.ip_peer(ip).endpoint is not None:
+                continue  # an endpoint's address keeps the endpoint's identity
+            ident = self.engine.ip_identity(ip)
+            if ident.id not in self._table_ids:
+                self.apply()
+                return
+            elements.append((ip, ident.id, max(1, int(ttl))))
+        nft.add_fqdn_elements(elements)
 
     def publish(self) -> None:
         ident = self.engine.identity_of(self.me)

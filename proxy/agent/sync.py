@@ -2,7 +2,7 @@
 
 The identities that matter for one workload's table: every endpoint in the registry, world,
 one identity per CIDR prefix any rule names (excepts included, so an address inside an except
-gets the more specific identity), and every IP the FQDN cache holds. Each is flattened through
+gets the more specific identity), and the identity of every IP the FQDN cache holds. Each is flattened through
 the same lookup `trace` uses (`mapstate.flatten`).
 """
 from __future__ import annotations
@@ -14,19 +14,6 @@ from proxy.datapath.state import DatapathState
 from proxy.policy.engine import Engine, Peer
 from proxy.policy.identity import Identity, reserved
 from proxy.policy.mapstate import flatten
-from proxy.policy.selector import CIDRSelector
-
-
-def cidr_prefixes(engine: Engine) -> set[str]:
-    out = set()
-    for rule in engine.repo.rules:
-        for entries in rule.entries.values():
-            for e in entries:
-                for s in e.peers:
-                    if isinstance(s, CIDRSelector):
-                        out.add(str(s.net))
-                        out.update(str(x) for x in s.excepts)
-    return out
 
 
 def host_prefix(ip: str) -> str:
@@ -43,18 +30,18 @@ def build_state(engine: Engine, local: Peer, http_port: int = HTTP_PROXY_PORT,
         idents[ident.id] = ident
         for ip in ep.ips:
             ipcache[host_prefix(ip)] = ident.id
-    for prefix in cidr_prefixes(engine):
-        if prefix in ipcache:
+    for net in engine.prefixes:
+        if str(net) in ipcache:
             continue
-        ident = engine.ids.for_ip(prefix)
+        ident = engine.prefix_identity(net)
         idents[ident.id] = ident
-        ipcache[prefix] = ident.id
+        ipcache[str(net)] = ident.id
     now = engine.clock()
     fqdn: dict[str, tuple[int, int]] = {}
     for entry in engine.cache.entries(now):
         if host_prefix(entry.ip) in ipcache:
             continue  # an endpoint's address keeps the endpoint's identity
-        ident = engine.ip_peer(entry.ip).identity
+        ident = engine.ip_identity(entry.ip)
         idents[ident.id] = ident
         ttl = entry.ttl_remaining
         fqdn[entry.ip] = (ident.id, max(1, int(ttl)) if ttl is not None else 0)

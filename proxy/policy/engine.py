@@ -15,10 +15,11 @@ from proxy.fqdn import matchpattern
 from proxy.fqdn.cache import DNSCache
 from proxy.policy import api, httpmatch
 from proxy.policy.endpoint import Endpoint, Service
-from proxy.policy.identity import RESERVED_IDS, Identity, IdentityAllocator, reserved
-from proxy.policy.labels import POD_NAMESPACE, parse_label
+from proxy.policy.identity import RESERVED_IDS, Identity, IdentityAllocator, IPNet, reserved
+from proxy.policy.labels import CIDR, POD_NAMESPACE, RESERVED, Label, LabelSet, parse_label
 from proxy.policy.repository import Decision, EndpointPolicy, L7Policy, Options, Repository
 from proxy.policy.rule import Origin
+from proxy.policy.selector import CIDRSelector, FQDNSelector
 
 NOT_A_PEER_ENTITY = {"all", "cluster", "none"}
 
@@ -91,6 +92,7 @@ class Engine:
         self.cache = fqdn_cache or DNSCache()
         self.clock = clock or (lambda: 0.0)  # trace: a fixed instant; the agent passes time.time
         self.ids = ids or IdentityAllocator()
+        self.prefixes, self.fqdn_selectors = _ip_selectors(self.repo)
         self._by_name = {e.name: e for e in self.endpoints}
         self._by_ip = {ip: e for e in self.endpoints for ip in e.ips}
         self.peer_ports: dict[int, dict[str, int]] = {}
@@ -112,8 +114,26 @@ class Engine:
         ep = self._by_ip.get(ip)
         if ep is not None:
             return self.endpoint_peer(ep)
-        names = frozenset(self.cache.names_for_ip(ip, self.clock()))
-        return Peer(self.ids.for_ip(ip, names), ip, ip=ip)
+        return Peer(self.ip_identity(ip), ip, ip=ip)
+
+    def ip_identity(self, ip: str) -> Identity:
+        """The identity of an address outside every endpoint: world + the policy prefixes that
+        contain it + the toFQDNs selectors matching a name cached for it (spec §9.4, §12)."""
+        addr = ipaddress.ip_address(ip)
+        labels = [Label(RESERVED, "world")]
+        labels += [Label(CIDR, str(n)) for n in self.prefixes if addr in n]
+        names = self.cache.names_for_ip(ip, self.clock())
+        if names:
+            labels += [s.label for s in self.fqdn_selectors
+                       if any(s.matcher().matches(n) for n in names)]
+        return self.ids.for_local(LabelSet.of(labels))
+
+    def prefix_identity(self, net: IPNet) -> Identity:
+        """The identity the ipcache gives a policy prefix: world + every policy prefix around it."""
+        labels = [Label(RESERVED, "world")]
+        labels += [Label(CIDR, str(n)) for n in self.prefixes
+                   if n.version == net.version and net.subnet_of(n)]
+        return self.ids.for_local(LabelSet.of(labels))
 
     def peer(self, spec: str) -> Peer:
         """`name` | `k=v,...` | `entity:NAME` | `ip:ADDR` (the trace CLI's SRC/DST forms)."""
@@ -152,6 +172,22 @@ class Engine:
             l7 = l7_verdict(decision.l7, http, dns_name) if decision.allowed and decision.l7 else None
             sides.append(SideVerdict(direction, True, decision, l7))
         return FlowVerdict(src, dst, proto, port, sides[0], sides[1])
+
+
+def _ip_selectors(repo: Repository) -> tuple[list[IPNet], list[FQDNSelector]]:
+    """Every prefix (excepts included) and toFQDNs selector the rules name."""
+    prefixes: dict[str, IPNet] = {}
+    fqdns: dict[str, FQDNSelector] = {}
+    for rule in repo.rules:
+        for entries in rule.entries.values():
+            for e in entries:
+                for s in e.peers:
+                    if isinstance(s, CIDRSelector):
+                        for n in (s.net, *s.excepts):
+                            prefixes[str(n)] = n
+                    elif isinstance(s, FQDNSelector):
+                        fqdns[s.key] = s
+    return list(prefixes.values()), list(fqdns.values())
 
 
 def inline_endpoint(spec: str) -> Endpoint:

@@ -1,8 +1,11 @@
 """Security identities (spec §12): reserved numbers, allocated numbers stable per label set.
 
 An identity is the set of identity-relevant labels; endpoints with the same relevant labels share
-it. IP-derived identities (CIDR, FQDN-learned, world) carry the IP they stand for, because CIDR and
-FQDN selectors match on the address, not on labels.
+it. An address outside every endpoint gets a node-local identity made of labels too (spec §12):
+`reserved:world`, `cidr:<prefix>` for every prefix the policies name that contains it, and
+`fqdn:<selector>` for every toFQDNs selector matching a name the FQDN cache holds for it. So all
+addresses that policy cannot tell apart share one identity, and a newly learned IP usually lands
+in an identity the datapath already has.
 """
 from __future__ import annotations
 
@@ -52,8 +55,7 @@ IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 class Identity:
     id: int
     labels: LabelSet
-    net: IPNet | None = None  # the prefix an IP-derived identity stands for
-    names: frozenset[str] = field(default=frozenset())  # FQDNs known for that IP
+    nets: tuple[IPNet, ...] = field(default=(), compare=False)  # its `cidr:` labels, parsed
 
     @property
     def reserved_name(self) -> str | None:
@@ -84,7 +86,6 @@ class IdentityAllocator:
         self._reserve = reserve
         self._by_labels: dict[frozenset[Label], Identity] = {}
         self._used: set[int] = set()
-        self._by_ip: dict[str, Identity] = {}
         self._next_local = LOCAL_MIN
 
     def for_labels(self, labels: LabelSet) -> Identity:
@@ -113,15 +114,17 @@ class IdentityAllocator:
             num = CLUSTER_MIN + (num - CLUSTER_MIN + 1) % span
         raise RuntimeError("no free cluster identity")
 
-    def for_ip(self, ip: str, names: frozenset[str] = frozenset()) -> Identity:
-        """A CIDR identity for an address outside every endpoint: world + `cidr:<ip>/<len>`."""
-        net = ipaddress.ip_network(ip, strict=False)
-        key = f"{net}|{','.join(sorted(names))}"
-        found = self._by_ip.get(key)
+    def for_local(self, labels: LabelSet) -> Identity:
+        """A node-local identity (CIDR/FQDN-derived) for this label set, stable while we run."""
+        key = frozenset(labels)
+        found = self._by_labels.get(key)
         if found:
             return found
-        labels = LabelSet.of([Label(RESERVED, "world"), Label(CIDR, str(net))])
-        ident = Identity(self._next_local, labels, net, names)
-        self._next_local += 1
-        self._by_ip[key] = ident
+        if key == frozenset([Label(RESERVED, "world")]):
+            ident = reserved("world")
+        else:
+            nets = tuple(ipaddress.ip_network(lb.key) for lb in key if lb.source == CIDR)
+            ident = Identity(self._next_local, labels, nets)
+            self._next_local += 1
+        self._by_labels[key] = ident
         return ident

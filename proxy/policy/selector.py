@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from proxy.fqdn import matchpattern
 from proxy.policy import api
 from proxy.policy.identity import IPNet, Identity
-from proxy.policy.labels import ANY, CLUSTER, K8S, RESERVED, LabelSet, split_key
+from proxy.policy.labels import ANY, CLUSTER, FQDN, K8S, RESERVED, Label, LabelSet, split_key
 
 IN, NOT_IN, EXISTS, DOES_NOT_EXIST = "In", "NotIn", "Exists", "DoesNotExist"
 
@@ -169,17 +169,18 @@ class CIDRSelector:
         object.__setattr__(self, "key", f"cidr:{self.net}{ex}")
 
     def selects(self, identity: Identity) -> bool:
-        net = identity.net
-        if net is None:
-            # The world identity stands for every address: only a /0 of a matching family covers it.
+        nets = identity.nets
+        if not nets:
+            # Plain world stands for every address: only a /0 of a matching family covers it.
             name = identity.reserved_name
             if self.net.prefixlen != 0 or self.excepts:
                 return False
             return (name == "world" or (name == "world-ipv4" and self.net.version == 4)
                     or (name == "world-ipv6" and self.net.version == 6))
-        if net.version != self.net.version or not net.subnet_of(self.net):
+        v = self.net.version
+        if not any(n.version == v and n.subnet_of(self.net) for n in nets):
             return False
-        return not any(e.version == net.version and net.subnet_of(e) for e in self.excepts)
+        return not any(n.version == e.version and n.subnet_of(e) for n in nets for e in self.excepts)
 
     def __str__(self) -> str:
         return self.key
@@ -207,11 +208,13 @@ class FQDNSelector:
             return matchpattern.compile_pattern(self.text)
         return matchpattern.compile_name(self.text)
 
+    @property
+    def label(self) -> Label:
+        """The `fqdn:` label an IP identity carries when this selector matches one of its names."""
+        return Label(FQDN, self.text)
+
     def selects(self, identity: Identity) -> bool:
-        if identity.net is None or not identity.names:
-            return False
-        m = self.matcher()
-        return any(m.matches(n) for n in identity.names)
+        return identity.labels.get(FQDN, self.text) is not None
 
     def __str__(self) -> str:
         return self.key
