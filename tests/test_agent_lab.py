@@ -4,6 +4,7 @@ Each test builds its own lab (unique name), drops policy files into the lab's po
 the way a user would, waits for the agents to apply them, and sends real requests from inside
 the workloads. Labs are torn down even when a test fails.
 """
+import json
 import os
 import shutil
 import signal
@@ -153,3 +154,62 @@ def test_dns_ttl_expiry_closes_new_connections():
         assert get(lab, "http://api.github.com/").startswith("api.github.com")  # learned again
     finally:
         lab.down()
+
+
+LOOP = (
+    "import http.client,sys,time\n"
+    "ok=bad=0\n"
+    "end=time.time()+float(sys.argv[2])\n"
+    "while time.time()<end:\n"
+    "  try:\n"
+    "    c=http.client.HTTPConnection(sys.argv[1],80,timeout=2)\n"
+    "    c.request('POST','/v1/request-landing'); r=c.getresponse(); b=r.read(); c.close()\n"
+    "    ok+= b==b'Ship landed\\n'; bad+= b!=b'Ship landed\\n'\n"
+    "  except Exception as e:\n"
+    "    bad+=1; print(repr(e))\n"
+    "print(ok,bad)\n")
+
+
+def test_reloads_lose_no_allowed_request(starwars):
+    """Policy reloads (valid ones and an invalid one) while tiefighter keeps landing."""
+    import threading
+    lab = starwars
+    apply(lab, "starwars/l3-l4-l7.yaml")
+    result = {}
+
+    def client():
+        result["out"] = lab.run("tiefighter", ["python3", "-c", LOOP, lab.ip("deathstar-1"), "5"],
+                                timeout=30).stdout
+
+    t = threading.Thread(target=client)
+    t.start()
+    target = Path(lab.policies_dir) / "l3-l4-l7.yaml"
+    good = target.read_text()
+    for i in range(8):
+        time.sleep(0.5)
+        text = good if i % 3 else good.replace("endpointSelector", "endpointSelectr")
+        target.write_text(text + f"\n# reload {i}\n")
+    t.join()
+    target.write_text(good)
+    ok, bad = map(int, result["out"].split()[-2:])
+    assert ok > 20 and bad == 0, result["out"]
+
+
+def test_control_commands_answer_for_the_lab(starwars):
+    from clitool import run_cli
+    lab = starwars
+    apply(lab, "starwars/l3-l4.yaml")
+    eps = run_cli(["endpoint", "list", "--registry", lab.registry_dir, "-o", "json"])
+    assert eps.returncode == 0, eps.stderr
+    rows = {r["name"]: r for r in json.loads(eps.stdout)}
+    assert rows["default/deathstar-1"]["ingress"] == "Enabled"
+    assert rows["default/tiefighter"]["ingress"] == "Disabled"
+    assert "k8s:class=deathstar" in rows["default/deathstar-1"]["labels"]
+    text = run_cli(["endpoint", "list", "--registry", lab.registry_dir])
+    assert "POLICY (ingress) ENFORCEMENT" in text.stdout and "deathstar-2" in text.stdout
+    ids = run_cli(["identity", "list", "--registry", lab.registry_dir])
+    assert ids.returncode == 0 and "k8s:class=xwing" in ids.stdout
+    pol = run_cli(["policy", "get", "--registry", lab.registry_dir, "-o", "json"])
+    got = json.loads(pol.stdout)
+    assert {"kind": "CiliumNetworkPolicy", "namespace": "default", "name": "rule1"} in \
+        got["deathstar-1"]["policies"]
