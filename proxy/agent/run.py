@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections import deque
 import json
 import logging
 import signal
@@ -86,7 +87,7 @@ class Agent:
         self._registry_version: tuple | None = None
         self._table_ids: set[int] = set()
         self._ready = False
-        self.flows: list[dict] = []
+        self.flows: deque[dict] = deque(maxlen=4096)  # bounded: memory never grows with traffic
 
     def _engine(self, others: list[Endpoint], services: list[Service]) -> Engine:
         eps = [self.me] + [e for e in others if e.name != self.me.name]
