@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections import deque
 import json
 import logging
 import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from proxy.agent import control
