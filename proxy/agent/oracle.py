@@ -10,7 +10,7 @@ from typing import Awaitable, Callable
 
 from proxy.fqdn.cache import DNSCache
 from proxy.l7.oracle import L7Result
-from proxy.policy.engine import Engine, L7Verdict, l7_verdict
+from proxy.policy.engine import Engine, L7Checker, L7Verdict
 from proxy.policy.httpmatch import HTTPRequest
 
 # Called with the learned (name, ips, ttl); resolves when the datapath holds them.
@@ -29,21 +29,51 @@ def _result(v: L7Verdict | None, what: str) -> L7Result:
 
 
 class EngineOracle:
+    """Decisions are cached per (direction, peer IP, protocol, port) and compiled L7 checkers per
+    merged policy; both caches are dropped when the engine is replaced (a policy or registry
+    change) or the FQDN cache learns something (an IP's identity depends on its names)."""
+
     def __init__(self, engine: Engine, endpoint_name: str, open_ips: OpenIPs | None = None,
                  max_delay: float = 0.1) -> None:
-        self.engine = engine
         self.endpoint_name = endpoint_name
         self.open_ips = open_ips
         self.max_delay = max_delay
+        self.engine = engine
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine = engine
+        self.forget()
+
+    def forget(self) -> None:
+        self._decisions: dict[tuple, object] = {}
+        self._checkers: dict[int, tuple[object, L7Checker]] = {}
+
+    def _checker(self, policy) -> L7Checker:
+        found = self._checkers.get(id(policy))
+        if found is None or found[0] is not policy:
+            found = self._checkers[id(policy)] = (policy, L7Checker(policy))
+        return found[1]
 
     @property
     def cache(self) -> DNSCache:
         return self.engine.cache
 
     def _decision(self, direction: str, peer_ip: str, proto: str, port: int):
-        local = self.engine.peer(self.endpoint_name)
-        peer = self.engine.ip_peer(peer_ip)
-        return self.engine.policy_of(local).direction(direction).lookup(peer.identity, proto, port)
+        key = (direction, peer_ip, proto, port)
+        d = self._decisions.get(key)
+        if d is None:
+            if len(self._decisions) > 65536:
+                self._decisions.clear()  # bounded: many peers must not grow memory
+            local = self.engine.peer(self.endpoint_name)
+            peer = self.engine.ip_peer(peer_ip)
+            policy = self.engine.policy_of(local).direction(direction)
+            d = self._decisions[key] = policy.lookup(peer.identity, proto, port)
+        return d
 
     def http_verdict(self, direction: str, peer_ip: str, port: int, request: HTTPRequest) -> L7Result:
         d = self._decision(direction, peer_ip, "TCP", port)
@@ -51,14 +81,14 @@ class EngineOracle:
             return L7Result(False, reason="denied at L3/L4")
         if d.l7 is None or d.l7.kind != "http":
             return L7Result(True, reason="no HTTP rules on this port")
-        return _result(l7_verdict(d.l7, request, None), "HTTP")
+        return _result(self._checker(d.l7).verdict(request), "HTTP")
 
     def dns_verdict(self, server_ip: str, server_port: int, qname: str) -> L7Result:
         verdicts = []
         for proto in ("UDP", "TCP"):
             d = self._decision("egress", server_ip, proto, server_port)
             if d.allowed and d.l7 is not None and d.l7.kind == "dns":
-                verdicts.append(l7_verdict(d.l7, None, qname))
+                verdicts.append(self._checker(d.l7).verdict(qname))
         allowed = [v for v in verdicts if v.allowed]
         if allowed:
             return _result(allowed[0], "DNS")
@@ -66,6 +96,7 @@ class EngineOracle:
 
     async def learn(self, qname: str, ips: list[str], ttl: int) -> None:
         self.engine.cache.update(qname, ips, ttl, self.engine.clock())
+        self.forget()
         if self.open_ips is None:
             return
         try:

@@ -205,29 +205,42 @@ def inline_endpoint(spec: str) -> Endpoint:
     return Endpoint(name="(labels)", namespace=namespace, labels=labels)
 
 
+class L7Checker:
+    """One merged L7 policy, compiled once: what the proxies keep per (peer, port) decision."""
+
+    def __init__(self, policy: L7Policy) -> None:
+        self.policy = policy
+        if policy.kind == "http":
+            self.rules = [(httpmatch.compile_rule(r).matches, o) for r, o in policy.http]
+            self.listed = [(_http_text(r), o) for r, o in policy.http]
+        elif policy.kind == "dns":
+            self.rules = [(_dns_matcher(r).matches, o) for r, o in policy.dns]
+            self.listed = [(_dns_text(r), o) for r, o in policy.dns]
+        else:  # kafka / generic l7proto: not proxied by l7gate; requests are not checked
+            self.rules, self.listed = [], []
+
+    def verdict(self, request) -> L7Verdict:
+        """`request`: an HTTPRequest for HTTP, a query name for DNS."""
+        p = self.policy
+        if p.kind not in ("http", "dns"):
+            return L7Verdict(p.kind, None, p.allow_all)
+        if not request:
+            return L7Verdict(p.kind, None, p.allow_all, [], self.listed)
+        if p.allow_all:
+            return L7Verdict(p.kind, True, True, [], self.listed)
+        matched = [o for check, o in self.rules if check(request)]
+        return L7Verdict(p.kind, bool(matched), False, matched, self.listed)
+
+
 def l7_verdict(policy: L7Policy, http: httpmatch.HTTPRequest | None, dns_name: str | None) -> L7Verdict:
     """Check one request against the merged L7 policy with the proxies' own matchers."""
-    if policy.kind == "http":
-        rules, request, text = policy.http, http, _http_text
-        check = lambda r: httpmatch.compile_rule(r).matches(http)  # noqa: E731
-    elif policy.kind == "dns":
-        rules, request, text = policy.dns, dns_name, _dns_text
-        check = lambda r: _dns_matches(r, dns_name)  # noqa: E731
-    else:  # kafka / generic l7proto: not proxied by l7gate; requests are not checked
-        return L7Verdict(policy.kind, None, policy.allow_all)
-    listed = [(text(r), o) for r, o in rules]
-    if not request:
-        return L7Verdict(policy.kind, None, policy.allow_all, [], listed)
-    if policy.allow_all:
-        return L7Verdict(policy.kind, True, True, [], listed)
-    matched = [o for r, o in rules if check(r)]
-    return L7Verdict(policy.kind, bool(matched), False, matched, listed)
+    return L7Checker(policy).verdict(http if policy.kind == "http" else dns_name)
 
 
-def _dns_matches(rule: api.PortRuleDNS, name: str) -> bool:
+def _dns_matcher(rule: api.PortRuleDNS):
     if rule.match_pattern is not None:
-        return matchpattern.compile_pattern(rule.match_pattern, for_dns_rule=True).matches(name)
-    return matchpattern.compile_name(rule.match_name or "").matches(name)
+        return matchpattern.compile_pattern(rule.match_pattern, for_dns_rule=True)
+    return matchpattern.compile_name(rule.match_name or "")
 
 
 def _http_text(r: api.PortRuleHTTP) -> str:
