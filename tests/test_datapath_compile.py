@@ -121,14 +121,12 @@ def test_fqdn_batch_commands_split_by_family():
     assert dpc.fqdn_add_command([]) == ""
 
 
-def test_compiling_a_large_state_is_fast():
+def test_compiling_a_large_state():
     st = DatapathState("default-deny", "default-deny",
                        ingress=[MapEntry(256 + i, "TCP", 80, 80, "allow") for i in range(5000)],
                        ipcache={f"10.{i >> 8}.{i & 255}.1/32": 256 + i for i in range(5000)},
                        fqdn={f"100.64.{i >> 8}.{i & 255}": (16777217, 60) for i in range(5000)})
-    t = time.perf_counter()
-    script = dpc.compile_table(st)
-    assert time.perf_counter() - t < 1.0
+    script = dpc.compile_table(st)  # speed is measured in bench/, not asserted here
     assert script.count(": goto ingress_allow") == 5000
 
 

@@ -62,11 +62,8 @@ def test_element_text_is_an_address_or_a_range():
     assert [iv.nft() for iv in ivs] == ["10.0.0.0-10.0.0.6", "10.0.0.7", "10.0.0.8-10.0.0.255"]
 
 
-def test_ten_thousand_endpoints_flatten_quickly():
-    import time
+def test_ten_thousand_endpoints_flatten():
     cache = {f"10.{i >> 8 & 255}.{i & 255}.1/32": 256 + i for i in range(10000)}
     cache["10.0.0.0/8"] = 16777217
-    t = time.perf_counter()
-    ivs = ipcache.flatten(cache, 4)
-    assert time.perf_counter() - t < 2
+    ivs = ipcache.flatten(cache, 4)  # speed is measured in bench/, not asserted here
     assert len(ivs) == 20001
