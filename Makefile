@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo trace test bench clean
 
 # Debian packages the datapath and the lab need (installed when missing; needs root).
 DEBS := nftables iproute2
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml $(SYSDEPS)
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/l7gate demo starwars
+
+trace: $(STAMP)
 	scripts/starwars-trace
 
 test: $(STAMP)

@@ -51,6 +51,17 @@ def _lab(args: argparse.Namespace) -> int:
     return lab.status()
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.lab import demo
+    if args.list:
+        return demo.list_demos(sys.stdout)
+    if not args.name:
+        print("l7gate demo: name a demo (" + ", ".join(demo.names()) + ") or use --list",
+              file=sys.stderr)
+        return 2
+    return demo.run(args.name, keep=args.keep, out=sys.stdout, compose=args.compose)
+
+
 def _add_control(sub, words: str, help_text: str) -> None:
     import os
     from proxy.agent.control import DEFAULT_REGISTRY
@@ -135,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("argv", nargs=argparse.REMAINDER)
     lsub.add_parser("status", help="labs that are up")
     lab.set_defaults(func=_lab)
+
+    d = sub.add_parser("demo", help="replay a tutorial in the lab: starwars, dns, namespaces, sockshop")
+    d.add_argument("name", nargs="?", help="the demo to run")
+    d.add_argument("--list", action="store_true", help="list the demos")
+    d.add_argument("--keep", action="store_true", help="leave the lab up after the last step")
+    d.add_argument("--compose", action="store_true", help="run it under docker-compose (not yet)")
+    d.set_defaults(func=_demo)
     return p
 
 
