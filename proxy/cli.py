@@ -32,6 +32,11 @@ def _run(args: argparse.Namespace) -> int:
     return run.run(args)
 
 
+def _observe(args: argparse.Namespace) -> int:
+    from proxy.observe import relay
+    return relay.run(args, sys.stdout)
+
+
 def _control(cmd: str):
     def call(args: argparse.Namespace) -> int:
         from proxy.agent import control
@@ -125,7 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--namespace", default="default", help="endpoint namespace (default: default)")
     r.add_argument("--service-account", default="default")
     r.add_argument("--policy-enforcement", choices=["default", "always", "never"], default="default")
+    from proxy.agent.control import DEFAULT_REGISTRY
+    from proxy.observe import relay
+    relay.add_agent_arguments(r)
     r.set_defaults(func=_run)
+
+    o = sub.add_parser("observe", help="flows from every agent, printed as hubble observe does")
+    relay.add_parser_arguments(o, default_registry=DEFAULT_REGISTRY)
+    o.set_defaults(func=_observe)
 
     ep = sub.add_parser("endpoint", help="endpoints managed by the agents")
     esub = ep.add_subparsers(dest="endpoint_command", required=True, metavar="SUBCOMMAND")

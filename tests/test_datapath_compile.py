@@ -235,3 +235,27 @@ def test_every_seed_policy_compiles_to_a_table_nft_accepts(scratch):
                                                        dpc.compile_table(st))]
     assert any("l3-l4-l7" in n for n in redirects), "the Star Wars L7 policy redirects to the HTTP proxy"
     assert any("dns/" in n for n in redirects), "the DNS policies redirect to the DNS proxy"
+
+
+# -- logging allowed NEW connections (flows: policy-verdict ALLOWED) ------------------------------
+def test_log_allowed_sends_plain_allows_through_a_logging_chain():
+    script = dpc.compile_table(state_of(CASES[2]), log_allowed=True)
+    assert "0x100 . udp . 8000-8100 : goto ingress_allowed," in script
+    assert "0x100 . tcp . 80 : goto ingress_http," in script  # redirects are L7 flows, not logged
+    assert "0x12c . tcp . 22 : goto egress_deny," in script
+    assert 'log group 1 prefix "l7gate:ingress:ALLOWED"' in script
+    body = script[script.index("chain egress_policy"):]
+    assert "goto egress_allowed" in body[:body.index("\n\t}")]  # the default-allow fallback too
+    assert "_allowed" not in dpc.compile_table(state_of(CASES[2]))  # off by default
+
+
+def test_log_allowed_leaves_unenforced_directions_alone():
+    script = dpc.compile_table(state_of(CASES[0]), log_allowed=True)
+    body = script[script.index("chain ingress_policy"):]
+    assert body[:body.index("\n\t}")].endswith("goto ingress_allow")
+
+
+@needs_nft
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_compiled_case_with_allow_logging_loads(scratch, case):
+    nft_check(scratch, dpc.compile_table(state_of(case), log_allowed=True))

@@ -11,21 +11,28 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 Handler = Callable[[str], object]
+# `{"cmd": "observe", ...}`: streams flows (proxy.observe.relay.handle_observe) on the connection
+ObserveHandler = Callable[[dict, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 COMMANDS = ("status", "endpoint list", "identity list", "fqdn cache list", "policy get")
 DEFAULT_REGISTRY = "/run/l7gate/registry"
 
 
-async def serve(path: Path, handler: Handler) -> asyncio.AbstractServer:
+async def serve(path: Path, handler: Handler,
+                observe: ObserveHandler | None = None) -> asyncio.AbstractServer:
     path.unlink(missing_ok=True)
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
             try:
-                cmd = json.loads(line)["cmd"]
+                request = json.loads(line)
+                cmd = request["cmd"]
+                if cmd == "observe" and observe is not None:
+                    await observe(request, reader, writer)
+                    return
                 answer = {"ok": True, "result": handler(cmd)} if cmd in COMMANDS else \
                     {"ok": False, "error": f"unknown command {cmd!r}"}
             except (ValueError, KeyError, TypeError):

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 from proxy.agent import control
@@ -25,6 +24,7 @@ from proxy.agent.oracle import EngineOracle
 from proxy.agent.policydir import PolicyDir
 from proxy.agent.registry import EndpointRecord, Registry
 from proxy.agent.sync import build_state
+from proxy.observe import EngineView, Observer
 from proxy.datapath import compile as dp_compile
 from proxy.datapath import nft, routing
 from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT
@@ -51,6 +51,9 @@ class AgentConfig:
     dns_port: int = DNS_PROXY_PORT
     enforcement: str = "default"
     ips: list[str] = field(default_factory=list)
+    metrics: str | None = None  # --metrics ADDR
+    flow_buffer: int = 4096  # --flow-buffer N
+    log_allowed: bool = False  # --log-allowed
 
 
 def parse_labels(text: str) -> dict[str, str]:
@@ -87,7 +90,9 @@ class Agent:
         self._registry_version: tuple | None = None
         self._table_ids: set[int] = set()
         self._ready = False
-        self.flows: deque[dict] = deque(maxlen=4096)  # bounded: memory never grows with traffic
+        view = EngineView(lambda: self.engine, cfg.name)
+        self.observer = Observer(cfg.name, resolve=view.resolve, explain=view.explain,
+                                 ring_size=cfg.flow_buffer)  # bounded: memory never grows with traffic
 
     def _engine(self, others: list[Endpoint], services: list[Service]) -> Engine:
         eps = [self.me] + [e for e in others if e.name != self.me.name]
@@ -114,7 +119,7 @@ class Agent:
     def apply(self) -> None:
         state = build_state(self.engine, self.engine.peer(self.me.name), self.cfg.http_port,
                             self.cfg.dns_port)
-        nft.apply(dp_compile.compile_table(state))
+        nft.apply(dp_compile.compile_table(state, log_allowed=self.cfg.log_allowed))
         self._table_ids = ({2} | set(state.ipcache.values())
                            | {ident for ident, _ in state.fqdn.values()})
 
@@ -184,10 +189,18 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        try:
+            self.observer.start_nflog()
+        except OSError as e:
+            log.warning("kernel drops will not appear as flows: %s", e)
+        if self.cfg.metrics:
+            self.observer.serve_metrics(self.cfg.metrics)
         http = await http_server.serve(self.oracle, self.me.ips, port=self.cfg.http_port,
-                                       on_flow=self.flows.append)
-        dns = await dns_server.serve(self.oracle, port=self.cfg.dns_port, on_flow=self.flows.append)
-        ctl = await control.serve(self.registry.socket_path(self.me.name), self.handle)
+                                       on_flow=self.observer.on_proxy_event)
+        dns = await dns_server.serve(self.oracle, port=self.cfg.dns_port,
+                                     on_flow=self.observer.on_proxy_event)
+        ctl = await control.serve(self.registry.socket_path(self.me.name), self.handle,
+                                  observe=self.observer.handle_control)
         self.sync(force=True)
         self.publish()
         log.info("agent %s ready: identity %s", self.me.name, self.engine.identity_of(self.me).id)
@@ -208,6 +221,7 @@ class Agent:
             ctl.close()
             http.close()
             dns.close()
+            self.observer.close()
         return 0
 
 
@@ -218,7 +232,8 @@ def run(args) -> int:
     cfg = AgentConfig(policies=args.policies, registry=args.registry, name=args.name,
                       labels=parse_labels(args.labels), namespace=args.namespace,
                       service_account=args.service_account, enforcement=args.policy_enforcement,
-                      ips=ips)
+                      ips=ips, metrics=args.metrics, flow_buffer=args.flow_buffer,
+                      log_allowed=args.log_allowed)
     try:
         import uvloop
         uvloop.install()

@@ -37,6 +37,10 @@ egress at output (priority mangle - 10, before the route chain and before nat).
 
 Verdicts are small chains (`<dir>_allow`, `<dir>_deny`, ...) reached by `goto` from the maps:
   allow   -> mark 0, accept (L3/L4-only allows stay in the kernel, no Python on that path)
+  allowed -> only with `compile_table(log_allowed=True)`: rate-limited
+             `log group 1 prefix "l7gate:<dir>:ALLOWED"` (mark = peer identity), then allow;
+             plain allows and the default-allow fallback go here, so flows can show allowed
+             NEW connections (the packet itself stays in the kernel)
   deny    -> rate-limited `log group 1 prefix "l7gate:<dir>:POLICY_DENY"` (explicit deny) or
              `...:POLICY_DENIED` (default deny), logged while the mark is the peer identity;
              then a silent drop: the client hangs. Ingress drops right there (receive path,
@@ -95,6 +99,7 @@ LOG_LIMIT = "limit rate 100/second burst 200 packets"
 ND_TYPES = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, nd-redirect"
 EGRESS_PRIORITY = -160  # before the route chain (mangle, -150) and nat (-100) on output
 MODES = (OFF, DEFAULT_DENY, DEFAULT_ALLOW)
+ALLOWED = "ALLOWED"  # NFLOG prefix reason of an allowed NEW connection (compile_table(log_allowed))
 
 
 # -- verdicts -----------------------------------------------------------------------------------
@@ -141,10 +146,11 @@ def _identity(n: int) -> str:
 
 
 def policy_elements(direction: str, entries: Iterable[MapEntry],
-                    closed: bool = False) -> dict[str, list[str]]:
+                    closed: bool = False, log_allowed: bool = False) -> dict[str, list[str]]:
     """Map name suffix ('ports', 'icmp4', 'icmp6') -> element lines `key : goto chain`.
 
-    closed: redirects become drops (a proxy that is not there must not mean open traffic)."""
+    closed: redirects become drops (a proxy that is not there must not mean open traffic);
+    log_allowed: plain allows go through `<dir>_allowed`, which logs the NEW packet first."""
     out: dict[str, list[str]] = {"ports": [], "icmp4": [], "icmp6": []}
     last: dict[tuple[int, str], MapEntry] = {}  # sorted by lo: only the previous one can overlap
     for e in sorted(entries, key=lambda e: (e.identity, e.proto, e.lo)):
@@ -159,6 +165,8 @@ def policy_elements(direction: str, entries: Iterable[MapEntry],
         chain = verdict_chain(direction, e)
         if closed and e.verdict == REDIRECT and chain != f"{direction}_allow":
             chain = f"{direction}_denied"
+        if log_allowed and chain == f"{direction}_allow":
+            chain = f"{direction}_allowed"
         if e.proto in PORT_PROTOS:
             out["ports"].append(f"{ident} . {PORT_PROTOS[e.proto]} . {_range(e.lo, e.hi)} : goto {chain}")
         elif e.proto in ICMP_MAPS:
@@ -270,10 +278,11 @@ def _identity_maps(state: DatapathState | None) -> list[str]:
     return out
 
 
-def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool) -> list[str]:
+def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
+               log_allowed: bool = False) -> list[str]:
     """Maps, verdict chains, peer lookup and policy chain of one direction."""
     d = direction
-    elements = policy_elements(d, entries, closed)
+    elements = policy_elements(d, entries, closed, log_allowed)
     out: list[str] = []
     out += _map(f"{d}_ports", "mark . inet_proto . inet_service : verdict", "interval",
                 elements["ports"], "identity . protocol . port range -> verdict")
@@ -292,6 +301,10 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool)
     for reason, chain in (("POLICY_DENIED", f"{d}_denied"), ("POLICY_DENY", f"{d}_deny")):
         out += _chain(chain, [f"{LOG_LIMIT} log group {NFLOG_GROUP} prefix {_quote(f'l7gate:{d}:{reason}')}",
                               drop])
+    if log_allowed:
+        out += _chain(f"{d}_allowed", [
+            f"{LOG_LIMIT} log group {NFLOG_GROUP} prefix {_quote(f'l7gate:{d}:{ALLOWED}')}",
+            f"goto {d}_allow"], comment="an allowed NEW connection, logged with the peer identity")
     out += _chain(f"{d}_http", [f"ct mark set {HTTP_REDIRECT_MARK:#x} meta mark set 0 accept"],
                   comment="to the HTTP proxy: nat REDIRECT on this ct mark")
     if d == "egress":
@@ -309,12 +322,15 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool)
         rules = [f"goto {d}_allow"]
         note = "mode off: not enforced"
     else:
+        fallback = default_chain(d, mode)
+        if log_allowed and fallback == f"{d}_allow":
+            fallback = f"{d}_allowed"
         rules = [
             f"jump peer_{d}",
             f"meta l4proto icmp meta mark . icmp type vmap @{d}_icmp4",
             f"meta l4proto ipv6-icmp meta mark . icmpv6 type vmap @{d}_icmp6",
             f"meta l4proto {{ tcp, udp, sctp }} meta mark . meta l4proto . th dport vmap @{d}_ports",
-            f"goto {default_chain(d, mode)}",
+            f"goto {fallback}",
         ]
         note = f"mode {mode}"
         if closed and mode == DEFAULT_DENY:
@@ -388,11 +404,17 @@ def _script(body: list[str], table: str) -> str:
                       f"table inet {table} {{", *body, "}", ""])
 
 
-def compile_table(state: DatapathState, table: str = TABLE) -> str:
-    """The `nft -f` script that atomically replaces our table with the one `state` describes."""
+def compile_table(state: DatapathState, table: str = TABLE, log_allowed: bool = False) -> str:
+    """The `nft -f` script that atomically replaces our table with the one `state` describes.
+
+    log_allowed: also log every NEW connection a plain allow accepts (entry or default-allow
+    mode; not redirects, not mode off) to NFLOG_GROUP with prefix `l7gate:<dir>:ALLOWED`, the
+    mark holding the peer identity, rate-limited like the drops. The packets still never leave
+    the kernel; only a copy of their headers is logged (what `l7gate observe` shows as
+    policy-verdict ALLOWED)."""
     body = _identity_maps(state)
     for d in DIRECTIONS:
-        body += _direction(d, state.mode(d), state.entries(d), closed=False)
+        body += _direction(d, state.mode(d), state.entries(d), closed=False, log_allowed=log_allowed)
     body += _hooks(_port(state.http_port), _port(state.dns_port))
     return _script(body, table)
 
