@@ -213,3 +213,27 @@ def test_control_commands_answer_for_the_lab(starwars):
     got = json.loads(pol.stdout)
     assert {"kind": "CiliumNetworkPolicy", "namespace": "default", "name": "rule1"} in \
         got["deathstar-1"]["policies"]
+
+
+def test_observe_shows_the_seed_lines(starwars):
+    """Hubble's lines for the L7 step: tiefighter's PUT dropped at L7, xwing's SYN dropped."""
+    import re
+
+    from clitool import run_cli
+    lab = starwars
+    apply(lab, "starwars/l3-l4-l7.yaml")
+    assert post(lab, "tiefighter", "PUT", "/v1/exhaust-port") == "Access denied"
+    assert post(lab, "xwing", timeout=1.5) == "TIMEOUT"
+    time.sleep(0.5)
+    out = run_cli(["observe", "--registry", lab.registry_dir, "--last", "200"]).stdout
+    assert re.search(r"default/tiefighter:\d+ \(ID:\d+\) -> default/deathstar-\d:80 \(ID:\d+\) "
+                     r"http-request DROPPED \(HTTP/1\.1 PUT http://deathstar/v1/exhaust-port\)", out), out
+    assert re.search(r"default/xwing:\d+ \(ID:\d+\) <> default/deathstar-\d:80 \(ID:\d+\) "
+                     r"Policy denied DROPPED \(TCP Flags: SYN\)", out), out
+    js = run_cli(["observe", "--registry", lab.registry_dir, "--last", "200", "-o", "json"]).stdout
+    flows = [json.loads(line) for line in js.splitlines() if line.strip()]
+    dropped = [f["flow"] for f in flows if f["flow"].get("verdict") == "DROPPED"]
+    assert any(f.get("drop_reason_desc") == "POLICY_DENIED" and f.get("l4", {}).get("TCP", {}).get("flags", {}).get("SYN")
+               for f in dropped)
+    assert any(f.get("l7", {}).get("http", {}).get("method") == "PUT" for f in dropped)
+    assert all({"time", "verdict", "source", "destination"} <= f.keys() for f in dropped)
