@@ -96,7 +96,8 @@ PEER = {"ingress": "saddr", "egress": "daddr"}  # which address names the peer
 PORT_PROTOS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 ICMP_MAPS = {"ICMP": "icmp4", "ICMPv6": "icmp6"}
 LOG_LIMIT = "limit rate 100/second burst 200 packets"
-ND_TYPES = "nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, nd-redirect"
+ND_TYPES = ("nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, nd-redirect, "
+            "mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report")
 EGRESS_PRIORITY = -160  # before the route chain (mangle, -150) and nat (-100) on output
 MODES = (OFF, DEFAULT_DENY, DEFAULT_ALLOW)
 ALLOWED = "ALLOWED"  # NFLOG prefix reason of an allowed NEW connection (compile_table(log_allowed))
