@@ -28,8 +28,8 @@ Order of things per packet:
   * `ct state established,related` is accepted: only NEW connections (and invalid/untracked
     packets) meet the policy; replies and related ICMP never do (spec §6.6). Gap versus Cilium:
     removing an allow does not cut connections already established;
-  * IPv6 neighbour discovery is always accepted (a default-deny IPv6 endpoint must still resolve
-    its neighbours; Cilium answers ND itself);
+  * IPv6 neighbour and multicast listener discovery are always accepted (a default-deny IPv6
+    endpoint must still resolve its neighbours; Cilium answers ND itself);
   * then the lookups and the verdict maps; a miss gets the direction's default (mode off: accept
     everything; default-deny: drop unless an entry allows; default-allow: accept unless denied).
 Ingress is policed at prerouting (priority mangle, before nat so the original port is seen),
