@@ -237,3 +237,33 @@ def test_observe_shows_the_seed_lines(starwars):
                for f in dropped)
     assert any(f.get("l7", {}).get("http", {}).get("method") == "PUT" for f in dropped)
     assert all({"time", "verdict", "source", "destination"} <= f.keys() for f in dropped)
+
+
+SCRAPE = ("import urllib.request;"
+          "print(urllib.request.urlopen('http://127.0.0.1:9965/metrics', timeout=3).read().decode())")
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of a Prometheus series whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
+def test_metrics_count_the_replayed_traffic_exactly(starwars):
+    lab = starwars
+    apply(lab, "starwars/l3-l4-l7.yaml")
+    for _ in range(3):
+        assert post(lab, "tiefighter") == "Ship landed"
+    for _ in range(2):
+        assert post(lab, "tiefighter", "PUT", "/v1/exhaust-port") == "Access denied"
+    text = "".join(lab.run(w, ["python3", "-c", SCRAPE], timeout=10).stdout
+                   for w in ("deathstar-1", "deathstar-2"))
+    assert metric(text, "hubble_http_requests_total", method="POST") == 3
+    assert metric(text, "hubble_http_requests_total", method="PUT") == 2
+    assert metric(text, "hubble_http_responses_total", status="200") == 3
+    assert metric(text, "hubble_http_responses_total", status="403") == 2

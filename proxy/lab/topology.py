@@ -365,7 +365,9 @@ def plan(spec: LabSpec, state_dir: str, python: str, etc_netns: str = ETC_NETNS)
             agents.append(Proc(f"{n.name}/agent", n.name, n.netns,
                                (python, "-m", "proxy.cli", "run", "--policies", f"{state_dir}/policies",
                                 "--registry", registry, "--name", n.name, "--labels", labels,
-                                "--namespace", n.namespace, "--service-account", n.service_account),
+                                "--namespace", n.namespace, "--service-account", n.service_account,
+                                # on the workload's own loopback: `lab exec W -- curl 127.0.0.1:9965`
+                                "--metrics", "127.0.0.1:9965", "--log-allowed"),
                                "agent", ready_file=f"{registry}/endpoints/{n.name}.json"))
         else:
             passive.append(passive_record(n))
