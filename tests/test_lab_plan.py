@@ -178,7 +178,8 @@ def test_sidecar_command_line_and_readiness_file():
     assert agent.argv == (PY, "-m", "proxy.cli", "run", "--policies", "/run/l7gate/lab/starwars/policies",
                           "--registry", "/run/l7gate/lab/starwars/registry", "--name", "tiefighter",
                           "--labels", "org=empire,class=tiefighter,app.kubernetes.io/name=tiefighter",
-                          "--namespace", "default", "--service-account", "default")
+                          "--namespace", "default", "--service-account", "default",
+                          "--metrics", "127.0.0.1:9965", "--log-allowed")
     assert agent.ready_file == "/run/l7gate/lab/starwars/registry/endpoints/tiefighter.json"
     assert {a.node for a in p.agents} == {"deathstar-1", "deathstar-2", "tiefighter", "xwing"}
 
