@@ -455,10 +455,13 @@ class _Run:
         self.say(f"  l7gate lab exec {pfx}SERVICE -- sh    (a shell inside a workload)")
         if rootless_lab:  # its /run is private: reach the registry from inside the lab
             self.say(f"  l7gate lab exec {pfx}{self._agents()[0]} -- python -m proxy.cli endpoint list "
-                     f"--registry {lab.registry_dir}    (also: policy get, identity list, fqdn cache list)")
+                     f"--registry {lab.registry_dir}    (also: observe, policy get, identity list, "
+                     "fqdn cache list)")
         else:
             self.say(f"  L7GATE_REGISTRY={lab.registry_dir} l7gate endpoint list    "
                      "(also: policy get, identity list, fqdn cache list)")
+            self.say(f"  L7GATE_REGISTRY={lab.registry_dir} l7gate observe --last 50    "
+                     "(the flows behind each step; --follow, --verdict DROPPED, -o json)")
         last = self.demo.stages[-1].policies
         other = next((p for s in self.demo.stages for p in s.policies if p not in last), None)
         if other:
