@@ -33,8 +33,9 @@ trace: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# bench/run [--quick]: speed figures against HAProxy and the direct path (root: builds a lab).
 bench: $(STAMP)
-	$(PY) bench/engine.py
+	bench/run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)
