@@ -532,6 +532,35 @@ def test_dns_is_tproxied_to_a_transparent_socket_with_the_original_server(lab):
     assert udp(lab.a, B_IP, 53) == "timeout", "no proxy socket: fail closed, not to the real server"
 
 
+def test_a_workload_socket_reusing_a_proxy_query_tuple_is_still_intercepted(lab):
+    """Regression (bench found it): the proxy's upstream UDP query leaves a conntrack entry; a
+    workload socket on the same source port must not ride on it past the DNS redirect."""
+    st = state(egress_mode="default-deny", egress=[MapEntry(B_ID, "UDP", 53, 53, "redirect", l7=DNS)])
+    with netns(lab.a):
+        udp_proxy = origdst.transparent_udp_socket("127.0.0.1", st.dns_port)
+        upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        upstream.bind((A_IP, 0))
+    lab.socks += [udp_proxy, upstream]
+    lab.apply(lab.a, dpc.compile_table(st))
+    port = upstream.getsockname()[1]
+    upstream.settimeout(2)
+    upstream.sendto(b"proxyq", (B_IP, 53))  # the proxy's own query reaches the real server
+    assert upstream.recvfrom(100)[0] == b"REAL:proxyq"
+    upstream.close()
+    with netns(lab.a):
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        client.bind((A_IP, port))  # the same 5-tuple as the proxy's finished query
+    lab.socks.append(client)
+    udp_proxy.settimeout(2)
+    client.sendto(b"sneaky", (B_IP, 53))
+    data, anc, _, _src = udp_proxy.recvmsg(512, socket.CMSG_SPACE(64))
+    assert data == b"sneaky", "the workload's query went to the proxy, not around it"
+    assert b"sneaky" not in lab.received["REAL"]
+
+
 def test_an_fqdn_element_opens_then_expires(lab):
     lab.apply(lab.a, dpc.compile_table(state(egress_mode="default-deny",
                                              egress=[allow(FQDN_ID, "TCP", 80)])))

@@ -24,7 +24,8 @@ the mark still holds the identity, so the NFLOG message carries the peer identit
 Order of things per packet:
   * loopback is never policed (the proxies talk over lo, and so does a workload to itself);
   * packets of the proxies' own sockets (SO_MARK PROXY_MARK) are accepted before anything looks
-    at or rewrites the mark, and are never redirected;
+    at or rewrites the mark, and are never redirected; they are tracked in a conntrack zone of
+    their own (PROXY_ZONE), so no workload packet can ride on a proxy connection's entry;
   * `ct state established,related` is accepted: only NEW connections (and invalid/untracked
     packets) meet the policy; replies and related ICMP never do (spec §6.6). Gap versus Cilium:
     removing an allow does not cut connections already established;
@@ -85,7 +86,7 @@ from typing import Iterable
 from proxy.datapath import ipcache as ipc
 from proxy.datapath.constants import (
     DNS_PROXY_PORT, DNS_TPROXY_MARK, EGRESS_DROP_MARK, EGRESS_DROP_TAG, HTTP_PROXY_PORT,
-    HTTP_REDIRECT_MARK, NFLOG_GROUP, PROXY_MARK, TABLE, WORLD_ID,
+    HTTP_REDIRECT_MARK, NFLOG_GROUP, PROXY_MARK, PROXY_ZONE, TABLE, WORLD_ID,
 )
 from proxy.datapath.state import DatapathState
 from proxy.policy.mapstate import ALLOW, DENY, REDIRECT, MapEntry
@@ -345,6 +346,17 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
 
 def _hooks(http_port: int, dns_port: int) -> list[str]:
     out: list[str] = []
+    # The proxies' own upstream connections live in a conntrack zone of their own. Otherwise a
+    # workload socket that happens to reuse the 5-tuple of a finished proxy query (UDP entries
+    # live 120 s) would be "established" and skip the DNS redirect: a bypass.
+    out += _chain("raw_output", [
+        f"oif != lo meta mark {PROXY_MARK:#x} ct zone set {PROXY_ZONE}",
+    ], hook="type filter hook output priority -300",
+        comment="the proxies' upstream traffic: its own conntrack zone")
+    out += _chain("raw_prerouting", [
+        f"iif != lo socket mark {PROXY_MARK:#x} ct zone set {PROXY_ZONE}",
+    ], hook="type filter hook prerouting priority -300",
+        comment="replies to the proxies' upstream sockets: the same zone")
     out += _chain("prerouting", [
         f"iif lo meta mark {EGRESS_DROP_MARK:#x} drop",
         f"iif lo meta mark {DNS_TPROXY_MARK:#x} goto dns_tproxy",

@@ -11,3 +11,4 @@ HTTP_REDIRECT_MARK = 0x4C39  # ct mark of connections the policy sends to the HT
 NFLOG_GROUP = 1  # policy drops are logged here, prefix "l7gate:<direction>:<reason>"
 EGRESS_DROP_TAG = 0x4C3A  # packet mark the egress policy puts on a denied packet
 EGRESS_DROP_MARK = 0x4C3B  # fwmark the route chain makes of it: routed to lo, dropped there
+PROXY_ZONE = 0x4C37  # conntrack zone of the proxies' upstream connections (16 bits)
