@@ -561,6 +561,25 @@ def test_a_workload_socket_reusing_a_proxy_query_tuple_is_still_intercepted(lab)
     assert b"sneaky" not in lab.received["REAL"]
 
 
+def test_a_dns_flow_started_before_the_dns_policy_is_intercepted_afterwards(lab):
+    """A UDP socket that talked to the server before a DNS rule existed is redirected after."""
+    with netns(lab.a):
+        udp_proxy = origdst.transparent_udp_socket("127.0.0.1", 15053)
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    lab.socks += [udp_proxy, client]
+    lab.apply(lab.a, dpc.compile_table(state()))  # enforcing nothing, but tracking connections
+    client.settimeout(2)
+    client.sendto(b"before", (B_IP, 53))  # no DNS rule yet: straight to the server
+    assert client.recvfrom(100)[0] == b"REAL:before"
+    st = state(egress_mode="default-deny", egress=[MapEntry(B_ID, "UDP", 53, 53, "redirect", l7=DNS)])
+    lab.apply(lab.a, dpc.compile_table(st))
+    udp_proxy.settimeout(2)
+    client.sendto(b"after", (B_IP, 53))
+    data, _, _, _ = udp_proxy.recvmsg(512, socket.CMSG_SPACE(64))
+    assert data == b"after"
+    assert b"after" not in lab.received["REAL"]
+
+
 def test_an_fqdn_element_opens_then_expires(lab):
     lab.apply(lab.a, dpc.compile_table(state(egress_mode="default-deny",
                                              egress=[allow(FQDN_ID, "TCP", 80)])))

@@ -380,6 +380,11 @@ def _hooks(http_port: int, dns_port: int) -> list[str]:
     out += _chain("output", [
         "oif lo accept",
         f"meta mark {PROXY_MARK:#x} accept",
+        # DNS over UDP is re-checked even on an established flow: a socket that started before
+        # a DNS policy (or a flow the policy no longer lets through directly) must not keep
+        # talking to the server around the proxy.
+        f"ct direction original meta l4proto udp udp dport 53 ct mark != {DNS_TPROXY_MARK:#x} "
+        "goto egress_policy",
         "ct state established,related accept",
         f"icmpv6 type {{ {ND_TYPES} }} accept",
         "goto egress_policy",
