@@ -1,11 +1,9 @@
 """The compiler: pure text out, checked by nft itself (`nft -c -f`) in a scratch namespace."""
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from needs import nft_unusable_reason
 
 from proxy.datapath import compile as dpc
 from proxy.datapath.state import DatapathState
@@ -131,19 +130,10 @@ def test_compiling_a_large_state():
 
 
 # -- checked by nft -------------------------------------------------------------------------------
-def _usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not shutil.which("ip") or not shutil.which("nft"):
-        return "needs iproute2 and nftables"
-    try:
-        ctypes.CDLL("libnftables.so.1")
-    except OSError:
-        return "needs libnftables.so.1"
-    return None
 
 
-needs_nft = pytest.mark.skipif(_usable() is not None, reason=_usable() or "")
+needs_nft = pytest.mark.skipif(nft_unusable_reason() is not None,
+                                reason=nft_unusable_reason() or "")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import nft_unusable_reason
 
 from proxy.datapath import compile as dpc
 from proxy.datapath import nft, origdst, routing
@@ -45,19 +45,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 
 
-def _usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not shutil.which("ip") or not shutil.which("nft"):
-        return "needs iproute2 and nftables"
-    try:
-        ctypes.CDLL("libnftables.so.1")
-    except OSError:
-        return "needs libnftables.so.1"
-    return None
 
 
-pytestmark = pytest.mark.skipif(_usable() is not None, reason=_usable() or "")
+pytestmark = pytest.mark.skipif(nft_unusable_reason() is not None,
+                                reason=nft_unusable_reason() or "")
 
 
 def _setns(fd: int) -> None:

@@ -2,8 +2,11 @@
 minimal HTTP/1.1 server (keep-alive, Content-Length and chunked bodies) for deathstar/echo_http."""
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
@@ -13,6 +16,17 @@ MAX_BODY = 1 << 20
 
 # handler(method, target, headers(lowercased names), body) -> (status, body, content type)
 Handler = Callable[[str, str, dict[str, str], bytes], tuple[int, bytes, str]]
+
+
+def http_app_main(prog: str, doc: str, handler_for: Callable[[str], Handler],
+                  argv: list[str] | None = None) -> int:
+    """The command line every built-in HTTP app shares: `--port` (repeatable), `--name`."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    ap.add_argument("--port", type=int, action="append", help="listen port (repeatable; default 80)")
+    ap.add_argument("--name", default=os.environ.get("L7LAB_WORKLOAD") or socket.gethostname())
+    args = ap.parse_args(argv)
+    handler = handler_for(args.name)
+    return run(lambda stop: serve_http(handler, args.port or [80], stop))
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:

@@ -5,11 +5,7 @@ endpoints. `--port` may be repeated (default 80); `--name` defaults to $L7LAB_WO
 """
 from __future__ import annotations
 
-import argparse
-import os
-import socket
-
-from proxy.lab.apps._serve import run, serve_http
+from proxy.lab.apps._serve import http_app_main
 
 
 def handler_for(name: str):
@@ -20,13 +16,7 @@ def handler_for(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="echo-http", description=__doc__.splitlines()[0])
-    ap.add_argument("--port", type=int, action="append", help="listen port (repeatable; default 80)")
-    ap.add_argument("--name", default=os.environ.get("L7LAB_WORKLOAD") or socket.gethostname())
-    args = ap.parse_args(argv)
-    handler = handler_for(args.name)
-    return run(lambda stop: serve_http(handler, args.port or [80], stop))
-
+    return http_app_main("echo-http", __doc__, handler_for, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())
