@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo trace test bench clean
 
-# Debian packages the datapath and the lab need (installed when missing; needs root).
-DEBS := nftables iproute2
+# Debian packages the datapath, the lab and the compose checks need (installed when missing;
+# needs root). docker-compose is only the client (`config` checks); no Docker engine.
+DEBS := nftables iproute2 docker-compose
 SYSDEPS := $(VENV)/.sysdeps
 
 $(SYSDEPS): Makefile

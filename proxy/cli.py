@@ -67,6 +67,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(args.name, keep=args.keep, out=sys.stdout, compose=args.compose)
 
 
+def _compose_inject(args: argparse.Namespace) -> int:
+    from proxy.docker import inject
+    services = [x for x in (args.services or "").split(",") if x] or None
+    return inject.inject_command(args.file, args.policies, services, args.output, sys.stdout)
+
+
 def _add_control(sub, words: str, help_text: str) -> None:
     import os
     from proxy.agent.control import DEFAULT_REGISTRY
@@ -158,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("argv", nargs=argparse.REMAINDER)
     lsub.add_parser("status", help="labs that are up")
     lab.set_defaults(func=_lab)
+
+    comp = sub.add_parser("compose", help="docker-compose: enforce an existing compose file")
+    csub2 = comp.add_subparsers(dest="compose_command", required=True, metavar="SUBCOMMAND")
+    ci = csub2.add_parser("inject", help="write a compose file where every service has a sidecar")
+    ci.add_argument("-f", "--file", action="append", default=[], metavar="FILE",
+                    help="the compose file (default: compose.yaml / docker-compose.yml here)")
+    ci.add_argument("--policies", metavar="DIR", help="policies directory (default ./policies)")
+    ci.add_argument("--services", metavar="a,b", help="only these services (default: all)")
+    ci.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    ci.set_defaults(func=_compose_inject)
 
     d = sub.add_parser("demo", help="replay a tutorial in the lab: starwars, dns, namespaces, sockshop")
     d.add_argument("name", nargs="?", help="the demo to run")
