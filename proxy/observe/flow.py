@@ -355,17 +355,24 @@ def http_flows(event: dict, resolve: Resolver | None = None, node_name: str = ""
             drop_reason="POLICY_DENIED" if verdict == "DROPPED" else "")
     if code is None:
         return [req]
-    r_src, r_dst, r_l4 = _reply_of(req)
     # Cilium's Envoy access log stamps both entries with the request's start time
-    resp = _new_flow(end_ns - latency_ns, "FORWARDED", r_src, r_dst, r_l4, dst, src, "L7", node_name)
-    resp_http = {"code": int(code), **http}
-    resp["l7"] = {"type": "RESPONSE", "http": resp_http}
+    resp = _response(req, end_ns - latency_ns, src, dst, node_name, latency_ns,
+                     {"http": {"code": int(code), **http}}, direction, policies, allowed,
+                     f"{protocol} {int(code)} {latency_ns // 1_000_000}ms ({request_line})")
+    return [req, resp]
+
+
+def _response(req: dict, time_ns: int, src, dst, node_name: str, latency_ns: int, l7: dict,
+              direction: str, policies, allowed: bool, summary: str) -> dict:
+    """The RESPONSE flow that answers `req` (source and destination swapped, is_reply)."""
+    r_src, r_dst, r_l4 = _reply_of(req)
+    resp = _new_flow(time_ns, "FORWARDED", r_src, r_dst, r_l4, dst, src, "L7", node_name)
+    resp["l7"] = {"type": "RESPONSE", **l7}
     if latency_ns:
         resp["l7"]["latency_ns"] = str(latency_ns)
     _finish(resp, direction=direction, is_reply=True, event_type={"type": EVENT_L7},
-            summary=f"{protocol} {int(code)} {latency_ns // 1_000_000}ms ({request_line})",
-            policies=policies, allowed=allowed)
-    return [req, resp]
+            summary=summary, policies=policies, allowed=allowed)
+    return resp
 
 
 # -- DNS ------------------------------------------------------------------------------------------
@@ -432,14 +439,8 @@ def dns_flows(event: dict, resolve: Resolver | None = None, node_name: str = "",
         if cnames:
             parts.append('CNAMEs: "' + ",".join(cnames) + '"')
         text = " ".join(parts)
-    r_src, r_dst, r_l4 = _reply_of(req)
-    resp = _new_flow(end_ns, "FORWARDED", r_src, r_dst, r_l4, dst, src, "L7", node_name)
-    resp["l7"] = {"type": "RESPONSE", "dns": answer}
-    if latency_ns:
-        resp["l7"]["latency_ns"] = str(latency_ns)
-    _finish(resp, direction=direction, is_reply=True, event_type={"type": EVENT_L7},
-            summary=f"DNS Answer {text} TTL: {ttl} (Proxy {qname} {qtype_text})",
-            policies=policies, allowed=True)
+    resp = _response(req, end_ns, src, dst, node_name, latency_ns, {"dns": answer}, direction,
+                     policies, True, f"DNS Answer {text} TTL: {ttl} (Proxy {qname} {qtype_text})")
     return [req, resp]
 
 
