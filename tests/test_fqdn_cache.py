@@ -189,3 +189,27 @@ IPS = [("1.2.3.4", "1.2.3.4"), ("2001:DB8::0001", "2001:db8::1"), ("::ffff:1.2.3
 @pytest.mark.parametrize("raw,expected", IPS, ids=[r for r, _ in IPS])
 def test_normalize_ip(raw, expected):
     assert normalize_ip(raw) == expected
+
+
+def test_generation_moves_when_live_pairs_change_not_on_a_refresh():
+    c = DNSCache(max_ips_per_name=2)
+    g = [c.generation]
+
+    def moved() -> bool:
+        g.append(c.generation)
+        return g[-1] != g[-2]
+
+    c.update("a.example", ["1.1.1.1"], 10, now=0)
+    assert moved()  # new pair
+    c.update("A.example.", ["1.1.1.1"], 20, now=5)
+    assert not moved()  # same live pair, later expiry
+    c.update("b.example", ["1.1.1.1"], 10, now=5)
+    assert moved()  # the IP has a new name
+    c.update("a.example", ["1.1.1.1"], 10, now=100)
+    assert moved()  # had expired: revived
+    c.update("a.example", ["2.2.2.2", "3.3.3.3"], 10, now=100)
+    assert moved()  # new pairs and an eviction
+    c.expire(now=1000)
+    assert moved()
+    c.expire(now=1000)
+    assert not moved()

@@ -29,15 +29,20 @@ def _result(v: L7Verdict | None, what: str) -> L7Result:
 
 
 class EngineOracle:
-    """Decisions are cached per (direction, peer IP, protocol, port) and compiled L7 checkers per
-    merged policy; both caches are dropped when the engine is replaced (a policy or registry
-    change) or the FQDN cache learns something (an IP's identity depends on its names)."""
+    """Decisions are cached per (direction, peer IP, protocol, port), compiled L7 checkers per
+    merged policy and HTTP results per (checker, request key); the caches are dropped when the
+    engine is replaced (a policy or registry change) or the FQDN cache learns something (an IP's
+    identity depends on its names)."""
+
+    MAX_CACHED = 65536  # entries per cache: many peers or paths must not grow memory
+    REFRESH = 1.0  # seconds: learning forgets the caches at least this often
 
     def __init__(self, engine: Engine, endpoint_name: str, open_ips: OpenIPs | None = None,
                  max_delay: float = 0.1) -> None:
         self.endpoint_name = endpoint_name
         self.open_ips = open_ips
         self.max_delay = max_delay
+        self._fresh_until = 0.0
         self.engine = engine
 
     @property
@@ -52,6 +57,7 @@ class EngineOracle:
     def forget(self) -> None:
         self._decisions: dict[tuple, object] = {}
         self._checkers: dict[int, tuple[object, L7Checker]] = {}
+        self._http: dict[tuple, L7Result] = {}  # (checker, its request key) -> result
 
     def _checker(self, policy) -> L7Checker:
         found = self._checkers.get(id(policy))
@@ -67,7 +73,7 @@ class EngineOracle:
         key = (direction, peer_ip, proto, port)
         d = self._decisions.get(key)
         if d is None:
-            if len(self._decisions) > 65536:
+            if len(self._decisions) > self.MAX_CACHED:
                 self._decisions.clear()  # bounded: many peers must not grow memory
             local = self.engine.peer(self.endpoint_name)
             peer = self.engine.ip_peer(peer_ip)
@@ -81,7 +87,14 @@ class EngineOracle:
             return L7Result(False, reason="denied at L3/L4")
         if d.l7 is None or d.l7.kind != "http":
             return L7Result(True, reason="no HTTP rules on this port")
-        return _result(self._checker(d.l7).verdict(request), "HTTP")
+        checker = self._checker(d.l7)
+        key = (id(checker), checker.request_key(request))  # the checker lives as long as the cache
+        result = self._http.get(key)
+        if result is None:
+            if len(self._http) > self.MAX_CACHED:
+                self._http.clear()
+            result = self._http[key] = _result(checker.verdict(request), "HTTP")
+        return result
 
     def dns_verdict(self, server_ip: str, server_port: int, qname: str) -> L7Result:
         verdicts = []
@@ -95,8 +108,15 @@ class EngineOracle:
         return _result(verdicts[0] if verdicts else None, "DNS")
 
     async def learn(self, qname: str, ips: list[str], ttl: int) -> None:
-        self.engine.cache.update(qname, ips, ttl, self.engine.clock())
-        self.forget()
+        cache = self.engine.cache
+        generation = cache.generation
+        now = self.engine.clock()
+        cache.update(qname, ips, ttl, now)
+        # A new name for an IP may change its identity; so may a name that expired meanwhile
+        # (noticed here within REFRESH seconds: the kernel's elements expire on their own).
+        if cache.generation != generation or now >= self._fresh_until:
+            self.forget()
+            self._fresh_until = now + self.REFRESH
         if self.open_ips is None:
             return
         try:

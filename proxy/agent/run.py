@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from proxy.agent import control
+from proxy.agent.batch import Batcher
 from proxy.agent.oracle import EngineOracle
 from proxy.agent.policydir import PolicyDir
 from proxy.agent.registry import EndpointRecord, Registry
@@ -76,6 +77,16 @@ def local_ips() -> list[str]:
     return ips
 
 
+def _add_fqdn_elements(elements: list[tuple[str, int, int]]) -> None:
+    """One transaction for a batch of answers: an IP learned twice keeps its latest identity and
+    its longest timeout (the cache keeps the later expiry too)."""
+    merged: dict[str, tuple[int, int]] = {}
+    for ip, ident, ttl in elements:
+        old = merged.get(ip)
+        merged[ip] = (ident, ttl if old is None else max(ttl, old[1]))
+    nft.add_fqdn_elements([(ip, ident, ttl) for ip, (ident, ttl) in merged.items()])
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -88,6 +99,7 @@ class Agent:
         self.engine = self._engine([], [])
         self.oracle = EngineOracle(self.engine, cfg.name, open_ips=self._open_ips)
         self._registry_version: tuple | None = None
+        self._fqdn_elements = Batcher(_add_fqdn_elements)  # one transaction per loop turn
         self._table_ids: set[int] = set()
         self._ready = False
         view = EngineView(lambda: self.engine, cfg.name)
@@ -138,7 +150,8 @@ class Agent:
                 self.apply()
                 return
             elements.append((ip, ident.id, max(1, int(ttl))))
-        nft.add_fqdn_elements(elements)
+        if elements:
+            await self._fqdn_elements.add(elements)
 
     def publish(self) -> None:
         ident = self.engine.identity_of(self.me)

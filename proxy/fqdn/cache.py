@@ -59,6 +59,10 @@ class DNSCache:
     _forward: dict[str, dict[str, _Learned]] = field(default_factory=dict, repr=False)
     _reverse: dict[str, set[str]] = field(default_factory=dict, repr=False)
     _seq: int = field(default=0, repr=False)
+    # Bumped whenever the live (name, ip) pairs may have changed (a new or revived pair, an
+    # eviction, expiry): what was derived from the cache (identities, decisions) is stale then.
+    # A refreshed TTL on a live pair does not bump it.
+    generation: int = field(default=0, repr=False)
 
     def update(self, name: str, ips: Iterable[str], ttl: float, now: float) -> list[tuple[str, str]]:
         """Record an answer; return the (name, ip) pairs evicted by the per-name limit.
@@ -67,9 +71,10 @@ class DNSCache:
         Over the limit, the IPs that expire first go first (ties: learned first).
         """
         expires_at = now + max(ttl, self.min_ttl)
-        return self._add(normalize_name(name), [normalize_ip(ip) for ip in ips], expires_at)
+        return self._add(normalize_name(name), [normalize_ip(ip) for ip in ips], expires_at, now)
 
-    def _add(self, name: str, ips: list[str], expires_at: float) -> list[tuple[str, str]]:
+    def _add(self, name: str, ips: list[str], expires_at: float,
+             now: float = -math.inf) -> list[tuple[str, str]]:
         known = self._forward.setdefault(name, {})
         for ip in ips:
             self._seq += 1
@@ -77,11 +82,15 @@ class DNSCache:
             if old is None:
                 known[ip] = _Learned(expires_at, self._seq)
                 self._reverse.setdefault(ip, set()).add(name)
+                self.generation += 1
             elif expires_at > old.expires_at:
+                if old.expires_at <= now:
+                    self.generation += 1  # it had expired: revived
                 known[ip] = _Learned(expires_at, self._seq)
         over = len(known) - self.max_ips_per_name
         if over <= 0:
             return []
+        self.generation += 1
         oldest = sorted(known, key=lambda ip: (known[ip].expires_at, known[ip].seq))[:over]
         for ip in oldest:
             self._remove(name, ip)
@@ -117,6 +126,8 @@ class DNSCache:
                       for ip, e in known.items() if e.expires_at <= now)
         for name, ip in gone:
             self._remove(name, ip)
+        if gone:
+            self.generation += 1
         return gone
 
     def entries(self, now: float) -> list[CacheEntry]:

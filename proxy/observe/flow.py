@@ -306,7 +306,7 @@ def _reply_of(f: dict) -> tuple[str, str, dict]:
     return ip.get("destination", ""), ip.get("source", ""), l4
 
 
-def _time_ns(event: dict, now_ns: int | None) -> int:
+def event_time_ns(event: dict, now_ns: int | None) -> int:
     t = event.get("time")
     if t is None:
         return now_ns if now_ns is not None else time.time_ns()
@@ -316,13 +316,18 @@ def _time_ns(event: dict, now_ns: int | None) -> int:
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
+def http_latency_ns(event: dict) -> int:
+    """An HTTP event's response latency (the RESPONSE flow's `latency_ns`)."""
+    return max(0, int(round(float(event.get("latency_ms") or 0) * 1_000_000)))
+
+
 def http_flows(event: dict, resolve: Resolver | None = None, node_name: str = "",
                now_ns: int | None = None) -> list[dict]:
     """An HTTP proxy event (`proxy.l7.http`: method, url, protocol, verdict, code, latency_ms,
     policies, time, direction, src_ip/src_port = client, dst_ip/dst_port = original server)
     -> [request] or [request, response]."""
-    end_ns = _time_ns(event, now_ns)
-    latency_ns = max(0, int(round(float(event.get("latency_ms") or 0) * 1_000_000)))
+    end_ns = event_time_ns(event, now_ns)
+    latency_ns = http_latency_ns(event)
     code = event.get("code")
     direction = event.get("direction", "")
     policies = event.get("policies") or ()
@@ -381,7 +386,7 @@ def dns_flows(event: dict, resolve: Resolver | None = None, node_name: str = "",
     """A DNS proxy event (`proxy.l7.dns`: qname, qtypes, verdict, rcode, ips, ttl, cnames,
     rrtypes, policies, latency_ns, src = the workload, dst = the server it asked)
     -> [request, response] when relayed, [request] when denied or failed."""
-    end_ns = _time_ns(event, now_ns)
+    end_ns = event_time_ns(event, now_ns)
     latency_ns = max(0, int(event.get("latency_ns") or 0))
     verdict = event.get("verdict", "")
     allowed = verdict == "FORWARDED"
@@ -450,6 +455,56 @@ def proxy_flows(event: dict, resolve: Resolver | None = None, node_name: str = "
     if event.get("type") == "dns":
         return dns_flows(event, resolve, node_name, now_ns)
     return http_flows(event, resolve, node_name, now_ns)
+
+
+def proxy_flow_count(event: dict) -> int:
+    """How many flows `proxy_flows(event)` builds: the request, and its response when there is
+    one (HTTP: an answer code; DNS: a relayed query)."""
+    if event.get("type") == "dns":
+        return 2 if event.get("verdict", "") == "FORWARDED" else 1
+    return 1 if event.get("code") is None else 2
+
+
+def _policies_key(policies) -> tuple:
+    return tuple(tuple(sorted(p.items())) for p in policies or ())
+
+
+def proxy_event_kind(event: dict) -> tuple:
+    """What of a proxy event its flows' *metrics* depend on: everything `Metrics.observe` reads
+    from those flows except the HTTP latency (addresses, ports, names, URLs and times do not
+    count). Events of one kind give flows that count in the same series."""
+    if event.get("type") == "dns":
+        return ("dns", event.get("verdict", ""), event.get("direction", "egress"),
+                _policies_key(event.get("policies")), str(event.get("protocol", "UDP")).upper(),
+                tuple(event.get("qtypes") or ()), len(event.get("ips") or ()),
+                int(event.get("rcode") or 0), tuple(event.get("rrtypes") or ()),
+                bool(event.get("qname")))
+    return ("http", event.get("verdict"), event.get("code"), event.get("direction", ""),
+            _policies_key(event.get("policies")), event.get("method") or "",
+            event.get("protocol") or "")
+
+
+class ProxyEventFlows:
+    """The flows of one proxy event, built the first time one of them is read.
+
+    Most flows are never read (the ring forgets them first), and building two Hubble dicts costs
+    more than the proxy's own work on a request; so the proxies' hot path only keeps the event.
+    The peers are resolved at once: a flow shows the identities of when it happened."""
+
+    __slots__ = ("event", "peers", "node_name", "_flows")
+
+    def __init__(self, event: dict, resolve: Resolver | None, node_name: str = "") -> None:
+        self.event = event
+        src, dst = _plain(event.get("src_ip", "")), _plain(event.get("dst_ip", ""))
+        self.peers = {src: _resolve(resolve, src), dst: _resolve(resolve, dst)}
+        self.node_name = node_name
+        self._flows: list[dict] | None = None
+
+    def flows(self) -> list[dict]:
+        flows = self._flows
+        if flows is None:
+            flows = self._flows = proxy_flows(self.event, self.peers.get, self.node_name)
+        return flows
 
 
 # -- kernel ---------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Prometheus metrics with Hubble's names, counted from the same flow dicts the ring keeps.
 
-Every metric is updated by `Metrics.observe(flow)`; nothing else feeds them, so the counts always
-agree with the flows (`l7gate observe` shows what `/metrics` counts).
+Every metric is updated from flows (`Metrics.observe(flow)`; for proxy events, `observe_event`
+counts the series the event's flows would count in, remembered per kind of event), so the counts
+always agree with the flows (`l7gate observe` shows what `/metrics` counts).
 
   hubble_flows_processed_total{protocol,type,subtype,verdict}   every flow; type L7 | Drop |
         PolicyVerdict | Trace, subtype HTTP | DNS for L7, protocol HTTP | DNS | TCP | UDP | ICMPv4 ...
@@ -33,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client import start_http_server
 
 from proxy.observe.flow import (EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT, EVENT_TRACE, MATCH_TYPES,
-                                RCODE_NAMES, protocol_of)
+                                RCODE_NAMES, ProxyEventFlows, http_latency_ns, protocol_of)
 from proxy.observe.format import deciding_policies
 
 DEFAULT_PORT = 9965  # hubble's metrics port
@@ -80,7 +81,21 @@ class MetricsServer:
         self._thread.join(timeout=2)
 
 
+def _latency_s(flow: dict) -> float:
+    l7 = flow.get("l7") or {}
+    return int(l7.get("latency_ns", 0) or 0) / 1e9
+
+
+def _apply(plan: list, latency_s: float) -> None:
+    for child, timed in plan:
+        if timed:
+            child.observe(latency_s)
+        else:
+            child.inc()
+
+
 class Metrics:
+    MAX_PLANS = 4096
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -106,6 +121,7 @@ class Metrics:
                                        "HTTP request duration in seconds", ["method"], registry=r)
         self.lost = Counter("hubble_lost_events_total", "Number of lost events", ["source"], registry=r)
         self._children: dict = {}
+        self._plans: dict[tuple, list] = {}  # proxy event kind -> the series its flows count in
 
     def _child(self, metric, *labels: str):
         """metric.labels(*labels), memoised: prometheus_client's lookup costs ~4 us a call."""
@@ -120,6 +136,26 @@ class Metrics:
             self.observe(f)
 
     def observe(self, flow: dict) -> None:
+        _apply(self._plan(flow), _latency_s(flow))
+
+    def observe_event(self, kind: tuple, event: ProxyEventFlows) -> None:
+        """Count a proxy event's flows without building them: the series a flow counts in depend
+        only on its event's `kind` (`proxy_event_kind`), so the flows of the first event of a
+        kind are built once and the series they touched are remembered."""
+        plan = self._plans.get(kind)
+        if plan is None:
+            if len(self._plans) >= self.MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[kind] = [step for f in event.flows() for step in self._plan(f)]
+        _apply(plan, http_latency_ns(event.event) / 1e9)
+
+    def _plan(self, flow: dict) -> list[tuple[object, bool]]:
+        """The series `flow` counts in: (child, timed); timed children observe the latency."""
+        plan: list[tuple[object, bool]] = []
+
+        def count(metric, *labels: str, timed: bool = False) -> None:
+            plan.append((self._child(metric, *labels), timed))
+
         et = flow.get("event_type", {}).get("type", 0)
         verdict = flow.get("verdict", "VERDICT_UNKNOWN")
         protocol = protocol_of(flow)
@@ -127,9 +163,9 @@ class Metrics:
         subtype = ""
         if et == EVENT_L7 and l7 is not None:
             subtype = "DNS" if "dns" in l7 else "HTTP" if "http" in l7 else ""
-        self._child(self.flows, protocol, TYPE_NAMES.get(et, "Unknown"), subtype, verdict).inc()
+        count(self.flows, protocol, TYPE_NAMES.get(et, "Unknown"), subtype, verdict)
         if verdict == "DROPPED" and et != EVENT_POLICY_VERDICT:
-            self._child(self.drops, flow.get("drop_reason_desc", "DROP_REASON_UNKNOWN"), protocol).inc()
+            count(self.drops, flow.get("drop_reason_desc", "DROP_REASON_UNKNOWN"), protocol)
         direction = flow.get("traffic_direction", "TRAFFIC_DIRECTION_UNKNOWN").lower()
         match = None
         if et == EVENT_POLICY_VERDICT:
@@ -140,37 +176,34 @@ class Metrics:
             match = "l7/" + subtype.lower() if subtype else "l7/unknown"
         if match is not None:
             action = verdict.lower()
-            self._child(self.policy, direction, match, action).inc()
+            count(self.policy, direction, match, action)
             for p in deciding_policies(flow):
-                self._child(self.by_policy, direction, action, p.get("kind", ""), p.get("namespace", ""),
-                                      p.get("name", "")).inc()
+                count(self.by_policy, direction, action, p.get("kind", ""), p.get("namespace", ""),
+                      p.get("name", ""))
         if l7 is None:
-            return
+            return plan
         if "dns" in l7:
-            self._dns(flow, l7["dns"], verdict)
+            dns = l7["dns"]
+            qtypes = ",".join(dns.get("qtypes", []))
+            ips = str(len(dns.get("ips", [])))
+            if verdict == "DROPPED":
+                count(self.dns_queries, "Policy denied", qtypes, ips)
+            elif not flow.get("is_reply"):
+                count(self.dns_queries, "", qtypes, ips)
+            else:
+                rcode = int(dns.get("rcode", 0))
+                count(self.dns_responses, RCODE_NAMES.get(rcode, str(rcode)), qtypes, ips)
+                for t in dns.get("rrtypes", []):
+                    count(self.dns_types, t, qtypes)
         elif "http" in l7:
-            self._http(l7, l7["http"])
-
-    def _dns(self, flow: dict, dns: dict, verdict: str) -> None:
-        qtypes = ",".join(dns.get("qtypes", []))
-        ips = str(len(dns.get("ips", [])))
-        if verdict == "DROPPED":
-            self._child(self.dns_queries, "Policy denied", qtypes, ips).inc()
-        elif not flow.get("is_reply"):
-            self._child(self.dns_queries, "", qtypes, ips).inc()
-        else:
-            rcode = int(dns.get("rcode", 0))
-            self._child(self.dns_responses, RCODE_NAMES.get(rcode, str(rcode)), qtypes, ips).inc()
-            for t in dns.get("rrtypes", []):
-                self._child(self.dns_types, t, qtypes).inc()
-
-    def _http(self, l7: dict, http: dict) -> None:
-        method = http.get("method", "")
-        if l7.get("type") == "REQUEST":
-            self._child(self.http_requests, method, http.get("protocol", "")).inc()
-        elif l7.get("type") == "RESPONSE":
-            self._child(self.http_responses, str(http.get("code", 0)), method).inc()
-            self._child(self.http_duration, method).observe(int(l7.get("latency_ns", 0) or 0) / 1e9)
+            http = l7["http"]
+            method = http.get("method", "")
+            if l7.get("type") == "REQUEST":
+                count(self.http_requests, method, http.get("protocol", ""))
+            elif l7.get("type") == "RESPONSE":
+                count(self.http_responses, str(http.get("code", 0)), method)
+                count(self.http_duration, method, timed=True)
+        return plan
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric (what /metrics answers)."""

@@ -16,7 +16,8 @@ import logging
 import time
 from typing import Callable
 
-from proxy.observe.flow import EndpointInfo, Explainer, Explanation, Resolver, kernel_flows, proxy_flows
+from proxy.observe.flow import (EndpointInfo, Explainer, Explanation, ProxyEventFlows, Resolver,
+                                event_time_ns, kernel_flows, proxy_event_kind)
 from proxy.observe.metrics import Metrics, MetricsServer
 from proxy.observe.nflog import NflogListener, Packet
 from proxy.observe.ring import DEFAULT_SIZE, FlowRing
@@ -47,9 +48,14 @@ class Observer:
                 metrics.observe(f)
 
     def on_proxy_event(self, event: dict) -> None:
-        """The HTTP and DNS proxies' `on_flow` callback."""
+        """The HTTP and DNS proxies' `on_flow` callback: the flows are built when read."""
         try:
-            self.add(proxy_flows(event, self.resolve, self.node_name))
+            time_ns = event_time_ns(event, None)
+            event.setdefault("time", time_ns)  # built later, the flows keep the event's time
+            flows = ProxyEventFlows(event, self.resolve, self.node_name)
+            self.ring.append_event(flows, time_ns)
+            if self.metrics is not None:
+                self.metrics.observe_event(proxy_event_kind(event), flows)
         except Exception:
             self.errors += 1
             log.exception("could not turn a proxy event into flows")

@@ -13,7 +13,7 @@ import asyncio
 from collections import deque
 from typing import Callable, Iterator
 
-from proxy.observe.flow import parse_time
+from proxy.observe.flow import ProxyEventFlows, parse_time, proxy_flow_count
 
 Predicate = Callable[[dict], bool]
 DEFAULT_SIZE = 4096
@@ -84,12 +84,25 @@ class Follower:
         self.close()
 
 
+class _Unbuilt:
+    """Flow number `index` of a proxy event whose flows are not built yet."""
+    __slots__ = ("event", "index")
+
+    def __init__(self, event: ProxyEventFlows, index: int) -> None:
+        self.event = event
+        self.index = index
+
+
+def _built(item: dict | _Unbuilt) -> dict:
+    return item.event.flows()[item.index] if type(item) is _Unbuilt else item
+
+
 class FlowRing:
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         if size < 1:
             raise ValueError("ring size must be at least 1")
         self.size = size
-        self._items: deque[tuple[int, int, dict]] = deque(maxlen=size)  # (seq, time_ns, flow)
+        self._items: deque[tuple[int, int, dict | _Unbuilt]] = deque(maxlen=size)  # (seq, time_ns, flow)
         self._followers: set[Follower] = set()
         self.seq = 0  # flows ever appended
 
@@ -106,19 +119,33 @@ class FlowRing:
             f._push(self.seq, flow)
         return self.seq
 
+    def append_event(self, event: ProxyEventFlows, time_ns: int) -> int:
+        """Keep the flows of a proxy event, unbuilt until read (`ProxyEventFlows`); they are
+        built at once when someone follows. `time_ns`: the event's time, which `since` uses for
+        all of its flows."""
+        if self._followers:
+            for flow in event.flows():
+                self.append(flow, time_ns)
+            return self.seq
+        for i in range(proxy_flow_count(event.event)):
+            self.seq += 1
+            self._items.append((self.seq, time_ns, _Unbuilt(event, i)))
+        return self.seq
+
     def __len__(self) -> int:
         return len(self._items)
 
     def __iter__(self) -> Iterator[dict]:
-        return (flow for _, _, flow in list(self._items))
+        return (_built(flow) for _, _, flow in list(self._items))
 
     def snapshot(self, predicate: Predicate | None = None, since_ns: int | None = None,
                  last: int | None = None, upto_seq: int | None = None) -> list[tuple[int, dict]]:
         """(seq, flow) in arrival order: matching `predicate`, at or after `since_ns`, appended
         up to `upto_seq`, then only the last `last` of those."""
-        out = [(seq, flow) for seq, t, flow in list(self._items)
-               if (since_ns is None or t >= since_ns) and (upto_seq is None or seq <= upto_seq)
-               and (predicate is None or predicate(flow))]
+        out = [(seq, flow) for seq, t, flow in
+               ((seq, t, _built(item)) for seq, t, item in list(self._items)
+                if (since_ns is None or t >= since_ns) and (upto_seq is None or seq <= upto_seq))
+               if predicate is None or predicate(flow)]
         if last is not None:
             out = out[-last:] if last > 0 else []
         return out

@@ -210,14 +210,24 @@ class L7Checker:
 
     def __init__(self, policy: L7Policy) -> None:
         self.policy = policy
+        self.header_names: tuple[str, ...] = ()
         if policy.kind == "http":
-            self.rules = [(httpmatch.compile_rule(r).matches, o) for r, o in policy.http]
+            matchers = [httpmatch.compile_rule(r) for r, _ in policy.http]
+            self.rules = [(m.matches, o) for m, (_, o) in zip(matchers, policy.http)]
             self.listed = [(_http_text(r), o) for r, o in policy.http]
+            self.header_names = tuple(sorted({h.name.lower() for m in matchers
+                                              for h in (*m.required, *m.actions)}))
         elif policy.kind == "dns":
             self.rules = [(_dns_matcher(r).matches, o) for r, o in policy.dns]
             self.listed = [(_dns_text(r), o) for r, o in policy.dns]
         else:  # kafka / generic l7proto: not proxied by l7gate; requests are not checked
             self.rules, self.listed = [], []
+
+    def request_key(self, request: httpmatch.HTTPRequest) -> tuple:
+        """What of an HTTP request the verdict depends on: requests with equal keys get equal
+        verdicts (method, path, authority and the headers some rule names)."""
+        return (request.method, request.path, request.header(":authority"),
+                *(request.header(n) for n in self.header_names))
 
     def verdict(self, request) -> L7Verdict:
         """`request`: an HTTPRequest for HTTP, a query name for DNS."""

@@ -65,6 +65,8 @@ def _orig_dst(ancdata) -> tuple[str, int] | None:
 class Server:
     """One DNS proxy (UDP + TCP on the same address). Build it with `serve()`."""
 
+    MAX_REPLY_SOCKETS = 64
+
     def __init__(self, oracle: PolicyOracle, *, on_flow: FlowCallback | None = None,
                  reject_rcode: int = REFUSED, upstream_timeout: float = 10.0,
                  mark: int | None = PROXY_MARK, tcp_idle_timeout: float = 30.0) -> None:
@@ -82,6 +84,7 @@ class Server:
         self._tcp: asyncio.AbstractServer | None = None
         self._clients: set[_ClientTCP] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._reply_socks: dict[tuple[str, int], socket.socket] = {}
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -119,6 +122,9 @@ class Server:
             self._tcp.close()
         for client in list(self._clients):
             client.close()
+        for sock in self._reply_socks.values():
+            sock.close()
+        self._reply_socks.clear()
         for task in list(self._tasks):
             task.cancel()
 
@@ -268,19 +274,39 @@ class Server:
             transport.close()
 
     def _udp_reply(self, orig: tuple[str, int], client: tuple[str, int], reply: bytes) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        """Answer from the address the client asked: a transparent socket bound to it, kept per
+        server address (most workloads ask one or two servers), except for a server in this
+        namespace (loopback), whose own socket a lasting bind could shadow."""
+        s = self._reply_socks.get(orig)
+        keep = not orig[0].startswith("127.")
         try:
-            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            _set_mark(s, self.mark)
-            s.setblocking(False)
-            s.bind(orig)
+            if s is None:
+                s = self._reply_socket(orig)
+                if keep:
+                    if len(self._reply_socks) >= self.MAX_REPLY_SOCKETS:
+                        self._reply_socks.pop(next(iter(self._reply_socks))).close()
+                    self._reply_socks[orig] = s
             s.sendto(reply, client)
         except OSError as e:
             self.stats["reply_failed"] += 1
             log.warning("cannot answer %s:%d from %s:%d: %s", *client, *orig, e)
         finally:
+            if s is not None and not keep:
+                s.close()
+
+    def _reply_socket(self, orig: tuple[str, int]) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # it only sends
+            _set_mark(s, self.mark)
+            s.setblocking(False)
+            s.bind(orig)
+        except OSError:
             s.close()
+            raise
+        return s
 
 
 class _UpstreamUDP(asyncio.DatagramProtocol):

@@ -1,0 +1,47 @@
+"""The agent's oracle caches HTTP results per request key: every request gets the verdict the
+uncached matcher gives, whatever was asked before it."""
+from __future__ import annotations
+
+import itertools
+
+from proxy.agent.oracle import EngineOracle, _result
+from proxy.policy.httpmatch import HTTPRequest
+from test_http_proxy import ORACLE, PEERS
+
+METHODS = ["GET", "HEAD", "POST", "get"]
+PATHS = ["/secure", "/v1/x", "/public?a=1", "/ws", "/upload", "/v1/"]
+HOSTS = [None, "deathstar", "deathstar:8080", "other"]
+HEADERS = [(), (("X-Token", "s3cret"),), (("x-token", "wrong"),), (("X-Token", "s3cret"), ("X-Other", "1")),
+           (("User-Agent", "a"),)]
+
+
+def requests() -> list[HTTPRequest]:
+    return [HTTPRequest(m, p, h, hd) for m, p, h, hd in itertools.product(METHODS, PATHS, HOSTS, HEADERS)]
+
+
+def uncached(oracle: EngineOracle, peer: str, port: int, request: HTTPRequest):
+    d = oracle._decision("ingress", peer, "TCP", port)
+    return _result(oracle._checker(d.l7).verdict(request), "HTTP")
+
+
+def test_cached_results_equal_fresh_ones_in_any_order():
+    reqs = requests()
+    seen = set()
+    for order in (reqs, list(reversed(reqs))):
+        ORACLE.forget()
+        for peer, port in ((PEERS["tiefighter"], 8080), (PEERS["tiefighter"], 80)):
+            for req in order:
+                got = ORACLE.http_verdict("ingress", peer, port, req)
+                assert got == uncached(ORACLE, peer, port, req), (port, req)
+                seen.add(got.allowed)
+    assert seen == {True, False}
+
+
+def test_the_key_names_what_the_rules_read():
+    d = ORACLE._decision("ingress", PEERS["tiefighter"], "TCP", 8080)
+    checker = ORACLE._checker(d.l7)
+    assert checker.header_names == ("x-token",)
+    a = HTTPRequest("GET", "/secure", "deathstar", (("X-Token", "s3cret"), ("User-Agent", "a")))
+    b = HTTPRequest("GET", "/secure", "deathstar", (("x-token", "s3cret"), ("User-Agent", "b")))
+    c = HTTPRequest("GET", "/secure", "deathstar", (("X-Token", "other"),))
+    assert checker.request_key(a) == checker.request_key(b) != checker.request_key(c)
