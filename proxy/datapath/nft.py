@@ -14,7 +14,6 @@ Never does: decide what goes in the table (`compile` does), or run the `nft` bin
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import json
 import os
 import threading
@@ -22,6 +21,7 @@ from typing import Iterable
 
 from proxy.datapath import compile as dp_compile
 from proxy.datapath.constants import TABLE
+from proxy.policy.ipaddr import canonical_ip
 
 NFT_CTX_OUTPUT_JSON = 1 << 4
 
@@ -171,7 +171,7 @@ def delete_table(table: str = TABLE) -> None:
 
 
 def _norm(ip: str) -> str:
-    return str(ipaddress.ip_address(ip))
+    return canonical_ip(ip)
 
 
 def fqdn_elements(table: str = TABLE) -> dict[str, tuple[int, int | None]]:

@@ -10,6 +10,7 @@ datapath's job, using what `expire` reports.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -23,6 +24,7 @@ DEFAULT_MAX_IPS_PER_NAME = 1000  # `--tofqdns-endpoint-max-ip-per-hostname` sinc
 _NAME = re.compile(r"^[-a-zA-Z0-9_.]+$")
 
 
+@functools.lru_cache(maxsize=65536)  # asked for the same few addresses on every answer
 def normalize_ip(ip: str) -> str:
     """Canonical text of an IP (IPv6 compressed, IPv4-mapped IPv6 unmapped); ValueError if bad."""
     addr = ipaddress.ip_address(ip.strip())

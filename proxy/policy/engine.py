@@ -7,7 +7,6 @@ matchers the proxies use. Pure: the endpoints, services and FQDN cache are input
 """
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,6 +15,7 @@ from proxy.fqdn.cache import DNSCache
 from proxy.policy import api, httpmatch
 from proxy.policy.endpoint import Endpoint, Service
 from proxy.policy.identity import RESERVED_IDS, Identity, IdentityAllocator, IPNet, reserved
+from proxy.policy.ipaddr import canonical_ip, ip_object
 from proxy.policy.labels import CIDR, POD_NAMESPACE, RESERVED, Label, LabelSet, parse_label
 from proxy.policy.repository import Decision, EndpointPolicy, L7Policy, Options, Repository
 from proxy.policy.rule import Origin
@@ -108,7 +108,7 @@ class Engine:
 
     def ip_peer(self, ip: str) -> Peer:
         try:
-            ip = str(ipaddress.ip_address(ip))
+            ip = canonical_ip(ip)
         except ValueError:
             raise PeerError(f"{ip!r} is not an IP address") from None
         ep = self._by_ip.get(ip)
@@ -119,7 +119,7 @@ class Engine:
     def ip_identity(self, ip: str) -> Identity:
         """The identity of an address outside every endpoint: world + the policy prefixes that
         contain it + the toFQDNs selectors matching a name cached for it (spec §9.4, §12)."""
-        addr = ipaddress.ip_address(ip)
+        addr = ip_object(ip)
         labels = [Label(RESERVED, "world")]
         labels += [Label(CIDR, str(n)) for n in self.prefixes if addr in n]
         names = self.cache.names_for_ip(ip, self.clock())

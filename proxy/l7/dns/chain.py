@@ -39,10 +39,9 @@ Decisions (Cilium's DNS server library, miekg/dns, is the reference for what a q
 """
 from __future__ import annotations
 
-import ipaddress
 import secrets
 import struct
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from dnslib import DNSHeader, DNSRecord
@@ -52,6 +51,7 @@ from proxy.l7.dns import wire
 from proxy.l7.dns.wire import (CD, CLASS_IN, FORMERR, NOERROR, NOTIMP, QR, RD, REFUSED, SERVFAIL,
                                TC, TYPE_A, TYPE_AAAA, TYPE_CNAME, Labels, Question, WireError)
 from proxy.l7.oracle import L7Result, PolicyOracle
+from proxy.policy.ipaddr import canonical_ip
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -177,6 +177,7 @@ class Outstanding:
     """Forwarded queries by (upstream socket or connection, upstream ID); answers are matched
     against the ID, the question and the source address."""
     _by_key: dict[tuple[Hashable, int], Pending] = field(default_factory=dict)
+    random_id: Callable[[], int] = field(default=lambda: secrets.randbelow(0x10000), repr=False)
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -184,9 +185,9 @@ class Outstanding:
     def register(self, upstream: Hashable, query: Query, server: Destination,
                  upstream_id: int | None = None) -> Pending:
         if upstream_id is None:
-            upstream_id = secrets.randbelow(0x10000)
+            upstream_id = self.random_id()
             while (upstream, upstream_id) in self._by_key:
-                upstream_id = secrets.randbelow(0x10000)
+                upstream_id = self.random_id()
         elif (upstream, upstream_id) in self._by_key:
             raise ValueError("upstream ID already outstanding")
         pending = Pending(upstream, upstream_id, query, server,
@@ -231,7 +232,7 @@ class Outstanding:
 
 def _canon_ip(ip: str) -> str:
     try:
-        return str(ipaddress.ip_address(ip))
+        return canonical_ip(ip)
     except ValueError:
         return ip
 

@@ -4,13 +4,16 @@ Interception (the datapath installs it): the workload's DNS to port 53 is marked
 DNS_TPROXY_MARK, policy-routed to `lo` and TPROXY'd to `127.0.0.1:DNS_PROXY_PORT`, so the packets
 keep the server address the client asked for:
   * UDP: the listener has IP_TRANSPARENT and IP_RECVORIGDSTADDR; `recvmsg` gives the original
-    destination; the reply leaves from that address through a short-lived IP_TRANSPARENT socket
-    bound to it (SO_REUSEADDR; unconnected, so TPROXY never hands it a later query).
+    destination; the reply leaves from that address through an IP_TRANSPARENT socket bound to
+    it (SO_REUSEADDR; unconnected, so TPROXY never hands it a later query; kept per server
+    address, but for loopback servers).
   * TCP: the listener has IP_TRANSPARENT; an accepted socket's local address is the original
     destination and replies leave from it.
 Every socket the proxy opens carries SO_MARK=PROXY_MARK so the datapath never intercepts it again.
-Upstream: UDP, one connected socket per query (fresh source port, kernel-filtered source); TCP,
-one upstream connection per client connection, queries multiplexed by ID.
+Upstream: UDP, one connected socket per client socket and server (the client's fresh source
+port per query gives a fresh upstream port; kernel-filtered source; closed after UDP_IDLE
+seconds unused), queries multiplexed by a random ID; TCP, one upstream connection per client
+connection, queries multiplexed by ID.
 
 The logic is `chain.py`; this module only moves bytes and calls the chain in order
 (`Server.answer`). It never decides anything itself and never crashes on input: every query
@@ -66,6 +69,8 @@ class Server:
     """One DNS proxy (UDP + TCP on the same address). Build it with `serve()`."""
 
     MAX_REPLY_SOCKETS = 64
+    MAX_UDP_UPSTREAMS = 4096  # beyond: idle ones are closed first
+    UDP_IDLE = 10.0  # seconds an upstream socket is kept without a query
 
     def __init__(self, oracle: PolicyOracle, *, on_flow: FlowCallback | None = None,
                  reject_rcode: int = REFUSED, upstream_timeout: float = 10.0,
@@ -85,6 +90,8 @@ class Server:
         self._clients: set[_ClientTCP] = set()
         self._tasks: set[asyncio.Task] = set()
         self._reply_socks: dict[tuple[str, int], socket.socket] = {}
+        self._udp_upstreams: dict[tuple, _UDPUpstream] = {}  # (client, server ip, port) ->
+        self._sweeper: asyncio.Task | None = None
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -109,6 +116,7 @@ class Server:
         self._udp = udp
         self.address = udp.getsockname()
         self._loop.add_reader(udp.fileno(), self._udp_readable)
+        self._sweeper = self._loop.create_task(self._udp_sweeper())
         log.info("DNS proxy listening on %s:%d (UDP, TCP; transparent)", *self.address)
 
     def close(self) -> None:
@@ -125,6 +133,10 @@ class Server:
         for sock in self._reply_socks.values():
             sock.close()
         self._reply_socks.clear()
+        for up in list(self._udp_upstreams.values()):
+            up.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task in list(self._tasks):
             task.cancel()
 
@@ -244,34 +256,33 @@ class Server:
             self._spawn(self._udp_query(data, client, orig))
 
     async def _udp_query(self, data: bytes, client: tuple[str, int], orig: tuple[str, int]) -> None:
-        reply = await self.answer(data, client, Destination(orig[0], orig[1], "UDP"),
-                                  self._udp_exchange)
+        async def exchange(query: Query, server: Destination) -> Response:
+            return await self._udp_upstream(client, server).exchange(query, server)
+
+        reply = await self.answer(data, client, Destination(orig[0], orig[1], "UDP"), exchange)
         if reply is not None:
             self._udp_reply(orig, client, reply)
 
-    async def _udp_exchange(self, query: Query, server: Destination) -> Response:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            _set_mark(sock, self.mark)
-            sock.connect((server.ip, server.port))
-        except OSError as e:
-            sock.close()
-            raise UpstreamFailed(str(e)) from None
-        waiter = self._loop.create_future()
-        try:
-            transport, proto = await self._loop.create_datagram_endpoint(
-                lambda: _UpstreamUDP(self, waiter), sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-        pending = self.outstanding.register(proto, query, server)
-        try:
-            transport.sendto(pending.wire)
-            return await waiter
-        finally:
-            self.outstanding.cancel(pending)
-            transport.close()
+    def _udp_upstream(self, client: tuple[str, int], server: Destination) -> _UDPUpstream:
+        key = (client, server.ip, server.port)
+        up = self._udp_upstreams.get(key)
+        if up is None or up.closed:
+            if len(self._udp_upstreams) >= self.MAX_UDP_UPSTREAMS:
+                self._sweep_udp(idle=0.0)
+            up = self._udp_upstreams[key] = _UDPUpstream(self, key, server)
+        return up
+
+    def _sweep_udp(self, idle: float | None = None) -> None:
+        """Close the upstream sockets nobody used for `idle` seconds (default UDP_IDLE) and
+        that wait for no answer."""
+        limit = time.monotonic() - (self.UDP_IDLE if idle is None else idle)
+        for up in [u for u in self._udp_upstreams.values() if not u.waiters and u.used <= limit]:
+            up.close()
+
+    async def _udp_sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.UDP_IDLE)
+            self._sweep_udp()
 
     def _udp_reply(self, orig: tuple[str, int], client: tuple[str, int], reply: bytes) -> None:
         """Answer from the address the client asked: a transparent socket bound to it, kept per
@@ -309,24 +320,78 @@ class Server:
         return s
 
 
-class _UpstreamUDP(asyncio.DatagramProtocol):
-    def __init__(self, owner: Server, waiter: asyncio.Future) -> None:
-        self.owner = owner
-        self.waiter = waiter
+class _UDPUpstream:
+    """A connected socket to one server, shared by the queries of one client socket: the proxy's
+    side keeps one 5-tuple (one conntrack entry) as long as the client's does, and a resolver
+    that picks a fresh source port per query gets a fresh upstream port too. Answers are matched
+    by `Outstanding` (ID, question, source address); an ICMP error (refused) fails every query
+    waiting here and closes the socket."""
 
-    def datagram_received(self, data: bytes, addr) -> None:
+    def __init__(self, owner: Server, key: tuple, server: Destination) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            _, response = self.owner.outstanding.match(self, data, addr)
-        except Mismatch as e:
-            self.owner.stats["answers_discarded"] += 1
-            log.debug("discarded an upstream message: %s", e)
-            return
-        if not self.waiter.done():
-            self.waiter.set_result(response)
+            sock.setblocking(False)
+            _set_mark(sock, owner.mark)
+            sock.connect((server.ip, server.port))
+        except OSError as e:
+            sock.close()
+            raise UpstreamFailed(str(e)) from None
+        self.owner = owner
+        self.key = key
+        self.sock = sock
+        self.waiters: dict[int, asyncio.Future] = {}  # upstream ID -> the query's future
+        self.used = time.monotonic()
+        self.closed = False
+        owner._loop.add_reader(sock.fileno(), self._readable)
 
-    def error_received(self, exc: Exception) -> None:
-        if not self.waiter.done():
-            self.waiter.set_exception(UpstreamFailed(str(exc)))
+    async def exchange(self, query: Query, server: Destination) -> Response:
+        owner = self.owner
+        pending = owner.outstanding.register(self, query, server)
+        waiter = owner._loop.create_future()
+        self.waiters[pending.upstream_id] = waiter
+        self.used = time.monotonic()
+        try:
+            self.sock.send(pending.wire)
+            return await waiter
+        except OSError as e:
+            raise UpstreamFailed(str(e)) from None
+        finally:
+            # the ID may already serve a newer query (answered ones free it at once): only ours
+            if self.waiters.get(pending.upstream_id) is waiter:
+                del self.waiters[pending.upstream_id]
+            owner.outstanding.cancel(pending)
+
+    def _readable(self) -> None:
+        owner = self.owner
+        for _ in range(64):
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. ICMP port unreachable: the server refused
+                for waiter in self.waiters.values():
+                    if not waiter.done():
+                        waiter.set_exception(UpstreamFailed(str(e)))
+                self.close()
+                return
+            try:
+                pending, response = owner.outstanding.match(self, data, addr)
+            except Mismatch as e:
+                owner.stats["answers_discarded"] += 1
+                log.debug("discarded an upstream message: %s", e)
+                continue
+            waiter = self.waiters.pop(pending.upstream_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(response)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.owner._udp_upstreams.get(self.key) is self:
+            del self.owner._udp_upstreams[self.key]
+        self.owner._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 # -- TCP ------------------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ Never raises anything but `WireError` on input bytes.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
-from dnslib import CNAME, QTYPE, RCODE, DNSBuffer, DNSHeader, DNSLabel, DNSQuestion
+from dnslib import CNAME, QTYPE, RCODE, DNSBuffer, DNSLabel, DNSQuestion
 from dnslib.buffer import BufferError as DNSLibBufferError
 from dnslib.dns import DNSError as DNSLibError
 
@@ -31,6 +32,7 @@ NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 TYPE_A, TYPE_CNAME, TYPE_AAAA, CLASS_IN = 1, 5, 28, 1
 
 HEADER_LEN = 12
+_HEADER = struct.Struct("!6H")  # id, flags, qdcount, ancount, nscount, arcount
 MAX_POINTERS = 126  # miekg/dns maxCompressionPointers
 MAX_NAME_OCTETS = 255
 _SPECIAL = frozenset(b".'@;()\" \\")
@@ -40,6 +42,9 @@ Labels = tuple[bytes, ...]
 
 class WireError(ValueError):
     """The bytes are not a DNS message we can read."""
+
+
+_LIBRARY_ERRORS = (DNSLibBufferError, DNSLibError, struct.error, ValueError, IndexError)
 
 
 class _Buffer(DNSBuffer):
@@ -175,8 +180,7 @@ class Message:
 def parse_header(data: bytes) -> Header:
     if len(data) < HEADER_LEN:
         raise WireError(f"{len(data)} bytes: shorter than a DNS header")
-    h = DNSHeader.parse(_Buffer(data[:HEADER_LEN]))
-    return Header(h.id, h.bitmap, h.q, h.a, h.auth, h.ar)
+    return Header(*_HEADER.unpack_from(data))
 
 
 def _question(buf: _Buffer) -> Question:
@@ -194,7 +198,7 @@ def _record(buf: _Buffer) -> Record:
     if rtype == TYPE_A and rclass == CLASS_IN:
         if rdlength != 4:
             raise WireError(f"A record with {rdlength} bytes of data")
-        value = str(ipaddress.IPv4Address(bytes(buf.get(4))))
+        value = socket.inet_ntoa(buf.get(4))
     elif rtype == TYPE_AAAA and rclass == CLASS_IN:
         if rdlength != 16:
             raise WireError(f"AAAA record with {rdlength} bytes of data")
@@ -211,27 +215,35 @@ def parse(data: bytes, questions_only: bool = False) -> Message:
     """Read a whole message (or only up to the questions); WireError if it is malformed.
 
     Trailing bytes after the last record are ignored, as miekg/dns does."""
+    message, rest_error = _parse(data, questions_only)
+    if rest_error is not None:
+        raise rest_error
+    return message
+
+
+def parse_questions_then_rest(data: bytes) -> tuple[Message, WireError | None]:
+    """Header and questions (WireError if those fail); the rest, or why it could not be read."""
+    return _parse(data, False)
+
+
+def _parse(data: bytes, questions_only: bool) -> tuple[Message, WireError | None]:
     header = parse_header(data)
     buf = _Buffer(data)
     buf.offset = HEADER_LEN
     try:
         questions = tuple(_question(buf) for _ in range(header.qdcount))
-        if questions_only:
-            return Message(header, questions, None)
+    except WireError:
+        raise
+    except _LIBRARY_ERRORS as e:
+        raise WireError(str(e)) from None
+    if questions_only:
+        return Message(header, questions, None), None
+    try:
         answers = tuple(_record(buf) for _ in range(header.ancount))
         for _ in range(header.nscount + header.arcount):
             _record(buf)
-    except WireError:
-        raise
-    except (DNSLibBufferError, DNSLibError, struct.error, ValueError, IndexError) as e:
-        raise WireError(str(e)) from None
-    return Message(header, questions, answers)
-
-
-def parse_questions_then_rest(data: bytes) -> tuple[Message, WireError | None]:
-    """Header and questions (WireError if those fail); the rest, or why it could not be read."""
-    head = parse(data, questions_only=True)
-    try:
-        return parse(data), None
     except WireError as e:
-        return head, e
+        return Message(header, questions, None), e
+    except _LIBRARY_ERRORS as e:
+        return Message(header, questions, None), WireError(str(e))
+    return Message(header, questions, answers), None
