@@ -65,6 +65,8 @@ ZONES = {
     SPOOFER: ["api.github.com. 60 IN A 192.0.2.10"],
     SILENT: [],
 }
+OTHER6 = "fd00:200::54"  # the other resolver's data, over IPv6
+ZONES[OTHER6] = ZONES[OTHER]
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nft"),
@@ -99,11 +101,15 @@ table inet {table} {{
     meta mark {PROXY_MARK:#x} return
     ip daddr != 127.0.0.0/8 udp dport 53 meta mark set {DNS_TPROXY_MARK:#x}
     ip daddr != 127.0.0.0/8 tcp dport 53 meta mark set {DNS_TPROXY_MARK:#x}
+    ip6 daddr != ::1 udp dport 53 meta mark set {DNS_TPROXY_MARK:#x}
+    ip6 daddr != ::1 tcp dport 53 meta mark set {DNS_TPROXY_MARK:#x}
   }}
   chain dns_tproxy {{
     type filter hook prerouting priority mangle; policy accept;
     meta mark {DNS_TPROXY_MARK:#x} meta l4proto udp tproxy ip to 127.0.0.1:{DNS_PROXY_PORT} accept
     meta mark {DNS_TPROXY_MARK:#x} meta l4proto tcp tproxy ip to 127.0.0.1:{DNS_PROXY_PORT} accept
+    meta mark {DNS_TPROXY_MARK:#x} meta l4proto udp tproxy ip6 to [::1]:{DNS_PROXY_PORT} accept
+    meta mark {DNS_TPROXY_MARK:#x} meta l4proto tcp tproxy ip6 to [::1]:{DNS_PROXY_PORT} accept
   }}
 }}
 """
@@ -180,17 +186,18 @@ class Authority:
 
     def bind(self, forger_ip: str) -> None:
         """Create the sockets (call inside the server namespace)."""
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if ":" in self.ip else socket.AF_INET
+        self.udp = socket.socket(family, socket.SOCK_DGRAM)
         self.udp.bind((self.ip, 53))
         self.udp.setblocking(False)
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp = socket.socket(family, socket.SOCK_STREAM)
         self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.tcp.bind((self.ip, 53))
         self.tcp.listen(16)
         self.tcp.setblocking(False)
         self.forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.forger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.forger.bind((forger_ip, 0))
+        self.forger.bind((forger_ip, 0))  # IPv4: only the (IPv4) spoofer uses it
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -272,7 +279,7 @@ for line in sys.stdin:
     res = {}
     t0 = time.monotonic()
     if cmd["op"] == "udp":
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if ":" in cmd["server"] else socket.AF_INET, socket.SOCK_DGRAM)
         s.settimeout(cmd["timeout"])
         for data in [cmd["data"], *cmd.get("more", [])]:  # all from this one socket
             s.sendto(bytes.fromhex(data), (cmd["server"], cmd["port"]))
@@ -280,14 +287,14 @@ for line in sys.stdin:
         try:
             while len(replies) < cmd.get("count", 1):
                 data, peer = s.recvfrom(65535)
-                replies.append({"data": data.hex(), "from": list(peer), "t": time.monotonic()})
+                replies.append({"data": data.hex(), "from": list(peer[:2]), "t": time.monotonic()})
         except socket.timeout:
             pass
         s.close()
         res = {"replies": replies}
     elif cmd["op"] == "tcp":
         s = socket.create_connection((cmd["server"], cmd["port"]), timeout=cmd["timeout"])
-        res["peer"] = list(s.getpeername())
+        res["peer"] = list(s.getpeername()[:2])
         for chunk in cmd["chunks"]:
             s.sendall(bytes.fromhex(chunk))
             time.sleep(cmd.get("gap", 0))
@@ -344,14 +351,20 @@ class Lab:
         sh("ip", "netns", "add", s)
         sh("ip", "link", "add", vc, "netns", c, "type", "veth", "peer", "name", vs, "netns", s)
         sh("ip", "-n", c, "addr", "add", "10.200.0.41/24", "dev", vc)
+        sh("ip", "-n", c, "addr", "add", "fd00:200::41/64", "dev", vc, "nodad")
         for ip in ZONES | {FORGER: []}:
-            sh("ip", "-n", s, "addr", "add", f"{ip}/24", "dev", vs)
+            if ":" in ip:
+                sh("ip", "-n", s, "addr", "add", f"{ip}/64", "dev", vs, "nodad")
+            else:
+                sh("ip", "-n", s, "addr", "add", f"{ip}/24", "dev", vs)
         for ns, dev in ((c, vc), (s, vs)):
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "netns", "exec", c, "nft", "-f", "-", stdin=nft_interception("l7gdns_test"))
         sh("ip", "-n", c, "rule", "add", "fwmark", str(DNS_TPROXY_MARK), "lookup", str(DNS_TPROXY_TABLE))
         sh("ip", "-n", c, "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", str(DNS_TPROXY_TABLE))
+        sh("ip", "-6", "-n", c, "rule", "add", "fwmark", str(DNS_TPROXY_MARK), "lookup", str(DNS_TPROXY_TABLE))
+        sh("ip", "-6", "-n", c, "route", "add", "local", "::/0", "dev", "lo", "table", str(DNS_TPROXY_TABLE))
 
         self.loop = NetnsLoop(c)
         self.oracle = EngineOracle(self.engine(MATCHNAME), "mediabot", open_ips=self.open_ips)
@@ -614,6 +627,26 @@ async def _reused_id(proxy) -> bool:
 
 async def _sweep(proxy) -> None:
     proxy._sweep_udp(idle=0.0)
+
+
+def test_ipv6_dns_is_proxied_over_udp_and_tcp(own_policy):
+    """IPv6 DNS goes through the proxy too (the datapath TPROXYs it to [::1]): answered from the
+    address asked, learned, denied names refused, over UDP and TCP."""
+    (reply,) = own_policy.workload.udp(query("support.github.com", qid=0x0F01), server=OTHER6)
+    msg = DNSRecord.parse(bytes.fromhex(reply["data"]))
+    assert tuple(reply["from"]) == (OTHER6, 53) and msg.header.id == 0x0F01
+    assert addresses(msg) == ["192.0.2.111"]
+    assert own_policy.opened[0]["ips"] == ["192.0.2.111"]
+    (refused,) = own_policy.workload.udp(query("www.github.com", qid=0x0F02), server=OTHER6)
+    assert DNSRecord.parse(bytes.fromhex(refused["data"])).header.rcode == RCODE.REFUSED
+    q = query("api.github.com", qid=0x0F03)
+    res = own_policy.workload.tcp([struct.pack("!H", len(q)) + q], count=1, server=OTHER6)
+    assert tuple(res["peer"]) == (OTHER6, 53)
+    assert addresses(DNSRecord.parse(bytes.fromhex(res["replies"][0]["data"]))) == ["192.0.2.110"]
+    assert own_policy.authorities[OTHER6].seen == [("udp", "support.github.com.", "A"),
+                                                   ("tcp", "api.github.com.", "A")]
+    assert [(f["verdict"], f["dst_ip"], f["protocol"]) for f in own_policy.flows] == [
+        ("FORWARDED", OTHER6, "UDP"), ("DROPPED", OTHER6, "UDP"), ("FORWARDED", OTHER6, "TCP")]
 
 
 def test_nxdomain_is_relayed(mediabot):

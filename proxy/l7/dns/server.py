@@ -41,6 +41,8 @@ log = logging.getLogger("l7gate.dns")
 
 IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = 20  # == IP_ORIGDSTADDR, the cmsg type
+IPV6_RECVORIGDSTADDR = 74  # == IPV6_ORIGDSTADDR
+IPV6_TRANSPARENT = 75
 SO_MARK = getattr(socket, "SO_MARK", 36)
 MAX_INFLIGHT_PER_TCP = 64
 
@@ -57,11 +59,39 @@ def _set_mark(sock: socket.socket, mark: int | None) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
 
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def _address_text(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _transparent_socket(family: int, kind: int) -> socket.socket:
+    """A non-blocking, address-reusing socket that may bind (or be handed) foreign addresses."""
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _orig_dst(ancdata) -> tuple[str, int] | None:
+    """The original destination TPROXY kept (sockaddr_in / sockaddr_in6 in the cmsg)."""
     for level, kind, data in ancdata:
         if level == socket.SOL_IP and kind == IP_RECVORIGDSTADDR and len(data) >= 8:
             port = struct.unpack_from("!H", data, 2)[0]
             return socket.inet_ntoa(data[4:8]), port
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            port = struct.unpack_from("!H", data, 2)[0]
+            return socket.inet_ntop(socket.AF_INET6, data[8:24]), port
     return None
 
 
@@ -85,8 +115,8 @@ class Server:
         self.stats: Counter[str] = Counter()
         self.address: tuple[str, int] = ("", 0)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._udp: socket.socket | None = None
-        self._tcp: asyncio.AbstractServer | None = None
+        self._udp: list[socket.socket] = []  # the listeners: IPv4, and IPv6 when there is IPv6
+        self._tcp: list[asyncio.AbstractServer] = []
         self._clients: set[_ClientTCP] = set()
         self._tasks: set[asyncio.Task] = set()
         self._reply_socks: dict[tuple[str, int], socket.socket] = {}
@@ -95,39 +125,51 @@ class Server:
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------------
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, host6: str | None = None) -> None:
+        """Listen on host:port, and on host6 (the same port) when given and the namespace has
+        IPv6: the datapath sends IPv6 DNS to [::1]."""
         self._loop = asyncio.get_running_loop()
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        await self._listen(host, port)
+        self.address = self._udp[0].getsockname()[:2]
+        if host6 is not None:
+            try:
+                await self._listen(host6, self.address[1])
+            except OSError as e:
+                log.info("DNS proxy: no IPv6 listener (%s)", e)
+        self._sweeper = self._loop.create_task(self._udp_sweeper())
+        log.info("DNS proxy listening on %s (UDP, TCP; transparent)",
+                 ", ".join(_address_text(*s.getsockname()[:2]) for s in self._udp))
+
+    async def _listen(self, host: str, port: int) -> None:
+        family = _family(host)
+        udp = _transparent_socket(family, socket.SOCK_DGRAM)
+        tcp = _transparent_socket(family, socket.SOCK_STREAM)
         try:
-            for s in (udp, tcp):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                s.setblocking(False)
-            udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
+            if family == socket.AF_INET6:
+                udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+            else:
+                udp.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
             udp.bind((host, port))
             tcp.bind((host, udp.getsockname()[1]))
             tcp.listen(512)
-            self._tcp = await self._loop.create_server(lambda: _ClientTCP(self), sock=tcp)
+            server = await self._loop.create_server(lambda: _ClientTCP(self), sock=tcp)
         except BaseException:
             udp.close()
             tcp.close()
             raise
-        self._udp = udp
-        self.address = udp.getsockname()
-        self._loop.add_reader(udp.fileno(), self._udp_readable)
-        self._sweeper = self._loop.create_task(self._udp_sweeper())
-        log.info("DNS proxy listening on %s:%d (UDP, TCP; transparent)", *self.address)
+        self._udp.append(udp)
+        self._tcp.append(server)
+        self._loop.add_reader(udp.fileno(), self._udp_readable, udp)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._udp is not None and self._loop is not None:
-            self._loop.remove_reader(self._udp.fileno())
-            self._udp.close()
-        if self._tcp is not None:
-            self._tcp.close()
+        for udp in self._udp:
+            self._loop.remove_reader(udp.fileno())
+            udp.close()
+        for tcp in self._tcp:
+            tcp.close()
         for client in list(self._clients):
             client.close()
         for sock in self._reply_socks.values():
@@ -141,8 +183,8 @@ class Server:
             task.cancel()
 
     async def wait_closed(self) -> None:
-        if self._tcp is not None:
-            await self._tcp.wait_closed()
+        for tcp in self._tcp:
+            await tcp.wait_closed()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -240,10 +282,10 @@ class Server:
             log.exception("on_flow callback failed")
 
     # -- UDP --------------------------------------------------------------------------------------
-    def _udp_readable(self) -> None:
+    def _udp_readable(self, udp: socket.socket) -> None:
         for _ in range(64):
             try:
-                data, anc, _flags, client = self._udp.recvmsg(65535, 256)
+                data, anc, _flags, client = udp.recvmsg(65535, 256)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -253,7 +295,7 @@ class Server:
             if orig is None:
                 self.stats["no_original_destination"] += 1
                 continue
-            self._spawn(self._udp_query(data, client, orig))
+            self._spawn(self._udp_query(data, client[:2], orig))
 
     async def _udp_query(self, data: bytes, client: tuple[str, int], orig: tuple[str, int]) -> None:
         async def exchange(query: Query, server: Destination) -> Response:
@@ -289,7 +331,7 @@ class Server:
         server address (most workloads ask one or two servers), except for a server in this
         namespace (loopback), whose own socket a lasting bind could shadow."""
         s = self._reply_socks.get(orig)
-        keep = not orig[0].startswith("127.")
+        keep = not orig[0].startswith("127.") and orig[0] != "::1"
         try:
             if s is None:
                 s = self._reply_socket(orig)
@@ -306,13 +348,10 @@ class Server:
                 s.close()
 
     def _reply_socket(self, orig: tuple[str, int]) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = _transparent_socket(_family(orig[0]), socket.SOCK_DGRAM)
         try:
-            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # it only sends
             _set_mark(s, self.mark)
-            s.setblocking(False)
             s.bind(orig)
         except OSError:
             s.close()
@@ -328,7 +367,7 @@ class _UDPUpstream:
     waiting here and closes the socket."""
 
     def __init__(self, owner: Server, key: tuple, server: Destination) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = socket.socket(_family(server.ip), socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             _set_mark(sock, owner.mark)
@@ -489,7 +528,7 @@ class _UpstreamTCP(asyncio.Protocol):
     @classmethod
     async def open(cls, owner: Server, server: Destination) -> _UpstreamTCP:
         loop = owner._loop
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(_family(server.ip), socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
             _set_mark(sock, owner.mark)
@@ -548,8 +587,9 @@ class _UpstreamTCP(asyncio.Protocol):
 async def serve(oracle: PolicyOracle, host: str = "127.0.0.1", port: int = DNS_PROXY_PORT, *,
                 on_flow: FlowCallback | None = None, reject_rcode: int = REFUSED,
                 upstream_timeout: float = 10.0, mark: int | None = PROXY_MARK,
-                tcp_idle_timeout: float = 30.0) -> Server:
-    """Start the transparent DNS proxy on host:port (UDP and TCP); `close()` stops it.
+                tcp_idle_timeout: float = 30.0, host6: str | None = "::1") -> Server:
+    """Start the transparent DNS proxy on host:port (UDP and TCP) and on [host6]:port when the
+    namespace has IPv6 (None: IPv4 only); `close()` stops it.
 
     reject_rcode: REFUSED (default) or NXDOMAIN (`--tofqdns-dns-reject-response-code=nameError`).
     upstream_timeout: seconds to wait for the server (Cilium: 10 s); then the client gets nothing.
@@ -557,5 +597,5 @@ async def serve(oracle: PolicyOracle, host: str = "127.0.0.1", port: int = DNS_P
     on_flow: called with one dict per query (see the package docstring)."""
     server = Server(oracle, on_flow=on_flow, reject_rcode=reject_rcode,
                     upstream_timeout=upstream_timeout, mark=mark, tcp_idle_timeout=tcp_idle_timeout)
-    await server.start(host, port)
+    await server.start(host, port, host6)
     return server
