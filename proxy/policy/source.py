@@ -294,6 +294,10 @@ def _yaml_message(e: yaml.YAMLError, chunk: str, first_line: int) -> tuple[str, 
     problem = getattr(e, "problem", None) or str(e)
     context = getattr(e, "context", None)
     msg = problem if not context else f"{problem} ({context})"
+    if "maximum nesting depth" in problem:
+        # newer PyYAML has a limit of its own, which its scanner (reading ahead) may reach before
+        # the parser hands us the event at depth MAX_DEPTH: the same refusal, in our words
+        msg = f"nesting is deeper than {MAX_DEPTH} levels"
     if mark is None:
         return msg, None
     lines = _LINE_BREAK.split(chunk)
