@@ -112,11 +112,17 @@ def test_bad_states_are_refused_with_a_reason():
         dpc.compile_table(DatapathState(http_port=0))
 
 
-def test_fqdn_batch_commands_split_by_family():
+def test_fqdn_batch_commands_split_by_family_into_both_maps():
     cmd = dpc.fqdn_add_command([("192.0.2.1", 16777217, 30), ("2001:DB8::1", 16777218, 0)])
+    grace = 30 + dpc.ZOMBIE_GRACE
     assert cmd == ("add element inet l7gate fqdn4 { 192.0.2.1 timeout 30s : 0x1000001 }\n"
-                   "add element inet l7gate fqdn6 { 2001:db8::1 : 0x1000002 }\n")
-    assert dpc.fqdn_delete_command(["192.0.2.1"]) == "delete element inet l7gate fqdn4 { 192.0.2.1 }\n"
+                   "add element inet l7gate fqdn6 { 2001:db8::1 : 0x1000002 }\n"
+                   f"add element inet l7gate fqdnz4 {{ 192.0.2.1 timeout {grace}s : 0x1000001 }}\n"
+                   "add element inet l7gate fqdnz6 { 2001:db8::1 : 0x1000002 }\n")
+    assert dpc.fqdn_delete_command(["192.0.2.1"]) == ("delete element inet l7gate fqdn4 { 192.0.2.1 }\n"
+                                                      "delete element inet l7gate fqdnz4 { 192.0.2.1 }\n")
+    assert dpc.fqdn_delete_command(["192.0.2.1"], maps=["fqdnz"]) == \
+        "delete element inet l7gate fqdnz4 { 192.0.2.1 }\n"
     assert dpc.fqdn_add_command([]) == ""
 
 

@@ -411,6 +411,55 @@ def test_an_established_connection_survives_a_new_table_that_still_allows_it(lab
         assert s.recv(100) == b"A:three"
 
 
+def _exchange(s: socket.socket, data: bytes, timeout: float = HANG) -> bytes | str:
+    s.settimeout(timeout)
+    s.sendall(data)
+    try:
+        return s.recv(100)
+    except socket.timeout:
+        return "timeout"
+
+
+def test_removing_an_allow_cuts_established_connections_both_ways(lab):
+    """Spec 6.6: original-direction packets of an established connection meet the current policy;
+    replies never do. The cut is a silent drop: back in force, TCP's retransmission gets through."""
+    allowed = state("default-deny", "default-deny", ingress=[allow(B_ID, "TCP", 80)],
+                    egress=[allow(B_ID, "TCP", 80)])
+    lab.apply(lab.a, dpc.compile_table(allowed))
+    with netns(lab.b):
+        inbound = socket.create_connection((A_IP, 80), timeout=2)
+    with netns(lab.a):
+        outbound = socket.create_connection((B_IP, 80), timeout=2)
+    with inbound, outbound:
+        assert _exchange(inbound, b"one") == b"A:one" and _exchange(outbound, b"one") == b"B:one"
+        lab.apply(lab.a, dpc.compile_table(state("default-deny", "default-deny")))
+        assert _exchange(inbound, b"two") == "timeout", "ingress allow removed: cut"
+        assert _exchange(outbound, b"two") == "timeout", "egress allow removed: cut"
+        lab.apply(lab.a, dpc.compile_table(allowed))
+        assert _exchange(inbound, b"", timeout=3) == b"A:two", "retransmitted once allowed again"
+        assert _exchange(outbound, b"", timeout=3) == b"B:two"
+
+
+def test_an_established_connection_to_an_fqdn_address_outlives_its_ttl(lab):
+    """Cilium keeps an expired DNS-learned address allowed while a connection uses it (zombies);
+    here established connections look up the fqdnz maps, which keep it ZOMBIE_GRACE s longer."""
+    lab.apply(lab.a, dpc.compile_table(state(egress_mode="default-deny",
+                                             egress=[allow(FQDN_ID, "TCP", 80)])))
+    with netns(lab.a):
+        nft.add_fqdn_elements([(B2_IP, FQDN_ID, 1)])
+        t0 = time.monotonic()
+        conn = socket.create_connection((B2_IP, 80), timeout=2)
+    with conn:
+        assert _exchange(conn, b"one") == b"B:one"
+        time.sleep(max(0.0, t0 + 1.3 - time.monotonic()))
+        assert tcp(lab.a, B2_IP, 80) == "timeout", "a new connection: the TTL is over"
+        assert _exchange(conn, b"two") == b"B:two", "the established one goes on"
+        with netns(lab.a):
+            assert B2_IP not in nft.fqdn_elements() and B2_IP in nft.fqdn_elements(name="fqdnz")
+            nft.delete_fqdn_elements([B2_IP])
+        assert _exchange(conn, b"three") == "timeout", "forgotten: cut"
+
+
 def test_replacing_the_table_200_times_never_fails_an_allowed_connection(lab):
     many = {f"10.78.{i >> 8}.{i & 255}/32": 2000 + i for i in range(300)}
     tables = []

@@ -8,6 +8,7 @@ Layout - Cilium's ipcache + PolicyMap, as nftables maps:
 
   ipcache4/6  prefix interval -> identity     (`proxy.datapath.ipcache` makes them disjoint)
   fqdn4/6     DNS-learned IP  -> identity, each element with a timeout from the DNS TTL
+  fqdnz4/6    the same, ZOMBIE_GRACE seconds longer: what established connections look up
   <dir>_ports identity . l4proto . port range -> verdict   (TCP, UDP, SCTP)
   <dir>_icmp4 identity . ICMP type range      -> verdict   (ICMPv6: <dir>_icmp6)
 
@@ -22,13 +23,21 @@ chains to collide with PROXY_MARK or the routing marks later in the path; a drop
 the mark still holds the identity, so the NFLOG message carries the peer identity for free.
 
 Order of things per packet:
-  * loopback is never policed (the proxies talk over lo, and so does a workload to itself);
+  * loopback is never policed (the proxies talk over lo, and so does a workload to itself),
+    except traffic to Docker's embedded DNS server (127.0.0.11, DOCKER_DNS): that is DNS egress
+    like any other; a null DNAT keeps Docker's own NAT off the queries the DNS proxy gets, so it
+    sees port 53;
   * packets of the proxies' own sockets (SO_MARK PROXY_MARK) are accepted before anything looks
     at or rewrites the mark, and are never redirected; they are tracked in a conntrack zone of
     their own (PROXY_ZONE), so no workload packet can ride on a proxy connection's entry;
-  * `ct state established,related` is accepted: only NEW connections (and invalid/untracked
-    packets) meet the policy; replies and related ICMP never do (spec §6.6). Gap versus Cilium:
-    removing an allow does not cut connections already established;
+  * replies (`ct direction reply`) and related ICMP are accepted: they never meet the policy
+    (spec §6.6); every packet in the original direction does, the first one of a connection and
+    every later one alike, so removing an allow cuts established connections at their next
+    packet, as Cilium's per-packet policy lookup does. An established connection's peer is
+    looked up in the `fqdnz` maps, whose elements live ZOMBIE_GRACE seconds past the DNS TTL
+    (Cilium keeps such "zombie" addresses while conntrack shows the connection); an established
+    connection the HTTP proxy never saw is cut when its port becomes L7-redirected (it cannot
+    move into the proxy mid-stream). The closed tables only police new connections;
   * IPv6 neighbour and multicast listener discovery are always accepted (a default-deny IPv6
     endpoint must still resolve its neighbours; Cilium answers ND itself);
   * then the lookups and the verdict maps; a miss gets the direction's default (mode off: accept
@@ -85,7 +94,7 @@ from typing import Iterable
 
 from proxy.datapath import ipcache as ipc
 from proxy.datapath.constants import (
-    DNS_PROXY_PORT, DNS_TPROXY_MARK, EGRESS_DROP_MARK, EGRESS_DROP_TAG, HTTP_PROXY_PORT,
+    DNS_PROXY_PORT, DNS_TPROXY_MARK, DOCKER_DNS, EGRESS_DROP_MARK, EGRESS_DROP_TAG, HTTP_PROXY_PORT,
     HTTP_REDIRECT_MARK, NFLOG_GROUP, PROXY_MARK, PROXY_ZONE, TABLE, WORLD_ID,
 )
 from proxy.datapath.state import DatapathState
@@ -102,6 +111,8 @@ ND_TYPES = ("nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-rout
 EGRESS_PRIORITY = -160  # before the route chain (mangle, -150) and nat (-100) on output
 MODES = (OFF, DEFAULT_DENY, DEFAULT_ALLOW)
 ALLOWED = "ALLOWED"  # NFLOG prefix reason of an allowed NEW connection (compile_table(log_allowed))
+FQDN_MAPS = ("fqdn", "fqdnz")  # DNS-learned address -> identity: for new connections, for established
+ZOMBIE_GRACE = 120  # seconds an established connection may outlive the TTL of its peer's DNS answer
 
 
 # -- verdicts -----------------------------------------------------------------------------------
@@ -194,30 +205,36 @@ def _address(ip: str) -> tuple[int, str]:
         raise ValueError(f"{ip!r} is not an IP address") from None
 
 
-def fqdn_element(ip: str, identity: int, timeout: int) -> tuple[int, str]:
-    """(IP version, element text) of one FQDN-learned IP; timeout 0 = no expiry."""
+def fqdn_element(ip: str, identity: int, timeout: int, grace: int = 0) -> tuple[int, str]:
+    """(IP version, element text) of one FQDN-learned IP; timeout 0 = no expiry, else `timeout`
+    + `grace` seconds (the fqdnz maps' elements carry ZOMBIE_GRACE)."""
     version, addr = _address(ip)
-    t = f" timeout {int(timeout)}s" if timeout and timeout > 0 else ""
+    t = f" timeout {int(timeout) + grace}s" if timeout and timeout > 0 else ""
     return version, f"{addr}{t} : {_identity(identity)}"
 
 
 def fqdn_add_command(elements: Iterable[tuple[str, int, int]], table: str = TABLE) -> str:
-    """One `add element` command per address family for [(ip, identity, timeout s)]."""
-    by_version: dict[int, list[str]] = {4: [], 6: []}
+    """`add element` commands for [(ip, identity, timeout s)]: each address into both FQDN maps
+    of its family (fqdn with the TTL, fqdnz with the TTL + ZOMBIE_GRACE)."""
+    by_map: dict[str, list[str]] = {}
     for ip, ident, timeout in elements:
-        v, text = fqdn_element(ip, ident, timeout)
-        by_version[v].append(text)
-    return "".join(f"add element inet {table} fqdn{v} {{ {', '.join(items)} }}\n"
-                   for v, items in by_version.items() if items)
+        for name, grace in (("fqdn", 0), ("fqdnz", ZOMBIE_GRACE)):
+            v, text = fqdn_element(ip, ident, timeout, grace)
+            by_map.setdefault(f"{name}{v}", []).append(text)
+    return "".join(f"add element inet {table} {m} {{ {', '.join(items)} }}\n"
+                   for m, items in sorted(by_map.items()))
 
 
-def fqdn_delete_command(ips: Iterable[str], table: str = TABLE) -> str:
-    by_version: dict[int, list[str]] = {4: [], 6: []}
+def fqdn_delete_command(ips: Iterable[str], table: str = TABLE, maps: Iterable[str] = FQDN_MAPS) -> str:
+    """`delete element` commands for the addresses, from each of `maps` (names without the
+    family: "fqdn", "fqdnz"); every address must be present in each."""
+    by_map: dict[str, list[str]] = {}
     for ip in ips:
         version, addr = _address(ip)
-        by_version[version].append(addr)
-    return "".join(f"delete element inet {table} fqdn{v} {{ {', '.join(items)} }}\n"
-                   for v, items in by_version.items() if items)
+        for name in maps:
+            by_map.setdefault(f"{name}{version}", []).append(addr)
+    return "".join(f"delete element inet {table} {m} {{ {', '.join(items)} }}\n"
+                   for m, items in sorted(by_map.items()))
 
 
 # -- rendering ----------------------------------------------------------------------------------
@@ -265,14 +282,16 @@ def _identity_maps(state: DatapathState | None) -> list[str]:
         items = [f"{iv.nft()} : {_identity(iv.identity)}" for iv in ipc.flatten(cache, v)]
         out += _map(f"ipcache{v}", f"ipv{v}_addr : mark", "interval", items,
                     "peer address -> identity, longest prefix wins")
-    for v in (4, 6):
-        items = []
-        for ip, (ident, timeout) in sorted(fqdn.items()):
-            ver, text = fqdn_element(ip, ident, timeout)
-            if ver == v:
-                items.append(text)
-        out += _map(f"fqdn{v}", f"ipv{v}_addr : mark", "timeout", items,
-                    "DNS-learned address -> identity, expires with the DNS TTL")
+    comments = {"fqdn": "DNS-learned address -> identity, expires with the DNS TTL (new connections)",
+                "fqdnz": "the same, kept ZOMBIE_GRACE s longer (established connections)"}
+    for name, grace in (("fqdn", 0), ("fqdnz", ZOMBIE_GRACE)):
+        for v in (4, 6):
+            items = []
+            for ip, (ident, timeout) in sorted(fqdn.items()):
+                ver, text = fqdn_element(ip, ident, timeout, grace)
+                if ver == v:
+                    items.append(text)
+            out += _map(f"{name}{v}", f"ipv{v}_addr : mark", "timeout", items, comments[name])
     local = [ipaddress.ip_address(ip) for ip in (state.local_ips if state else [])]
     for v in (4, 6):
         out += _set(f"local{v}", f"ipv{v}_addr", sorted(str(a) for a in local if a.version == v),
@@ -293,8 +312,10 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
     out += _map(f"{d}_icmp6", "mark . icmpv6_type : verdict", "interval", elements["icmp6"],
                 "identity . ICMPv6 type range -> verdict")
     ours = f"{{ {HTTP_REDIRECT_MARK:#x}, {DNS_TPROXY_MARK:#x} }}"
-    out += _chain(f"{d}_allow", [f"ct mark {ours} ct mark set 0", "meta mark set 0 accept"],
-                  comment="allowed in the kernel; a redirect left by an older policy is undone")
+    out += _chain(f"{d}_allow", ["ct state established meta mark set 0 accept",
+                                 f"ct mark {ours} ct mark set 0", "meta mark set 0 accept"],
+                  comment="allowed in the kernel; a new connection's redirect left by an older "
+                          "policy is undone")
     # Ingress drops happen on the receive path: nobody is told. A drop in the output hook would
     # hand EPERM to the sending socket (UDP sendto, ping fail at once), so a denied egress packet
     # is tagged instead, rerouted to lo by the route chain and dropped in prerouting: the client
@@ -305,10 +326,15 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
                               drop])
     if log_allowed:
         out += _chain(f"{d}_allowed", [
+            f"ct state established goto {d}_allow",
             f"{LOG_LIMIT} log group {NFLOG_GROUP} prefix {_quote(f'l7gate:{d}:{ALLOWED}')}",
             f"goto {d}_allow"], comment="an allowed NEW connection, logged with the peer identity")
-    out += _chain(f"{d}_http", [f"ct mark set {HTTP_REDIRECT_MARK:#x} meta mark set 0 accept"],
-                  comment="to the HTTP proxy: nat REDIRECT on this ct mark")
+    out += _chain(f"{d}_http", [
+        f"ct state established ct mark {HTTP_REDIRECT_MARK:#x} meta mark set 0 accept",
+        # an established connection the proxy never saw cannot be moved to it: cut
+        f"ct state established goto {d}_denied",
+        f"ct mark set {HTTP_REDIRECT_MARK:#x} meta mark set 0 accept",
+    ], comment="to the HTTP proxy: nat REDIRECT on this ct mark")
     if d == "egress":
         out += _chain("egress_dns", [f"ct mark set {DNS_TPROXY_MARK:#x} meta mark set 0 accept"],
                       comment="to the DNS proxy: route chain + policy routing + TPROXY on this ct mark")
@@ -320,6 +346,13 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
         f"meta mark set ip {addr} map @fqdn4",
         f"meta mark set ip6 {addr} map @fqdn6",
     ], comment=f"meta mark = identity of the peer (ip {addr}): fqdn, else ipcache, else world")
+    out += _chain(f"peer_{d}_established", [
+        f"meta mark set {WORLD_ID}",
+        f"meta mark set ip {addr} map @ipcache4",
+        f"meta mark set ip6 {addr} map @ipcache6",
+        f"meta mark set ip {addr} map @fqdnz4",
+        f"meta mark set ip6 {addr} map @fqdnz6",
+    ], comment="the same for an established connection: DNS-learned addresses stay a while longer")
     if mode == OFF and not closed:
         rules = [f"goto {d}_allow"]
         note = "mode off: not enforced"
@@ -328,7 +361,8 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
         if log_allowed and fallback == f"{d}_allow":
             fallback = f"{d}_allowed"
         rules = [
-            f"jump peer_{d}",
+            f"ct state established jump peer_{d}_established",
+            f"ct state != established jump peer_{d}",
             f"meta l4proto icmp meta mark . icmp type vmap @{d}_icmp4",
             f"meta l4proto ipv6-icmp meta mark . icmpv6 type vmap @{d}_icmp6",
             f"meta l4proto {{ tcp, udp, sctp }} meta mark . meta l4proto . th dport vmap @{d}_ports",
@@ -344,8 +378,15 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
     return out
 
 
-def _hooks(http_port: int, dns_port: int) -> list[str]:
+def _hooks(http_port: int, dns_port: int, recheck: bool = True) -> list[str]:
+    """The base chains. recheck: original-direction packets of established connections meet the
+    policy again, so removing an allow cuts them (spec 6.6); the closed tables only police new
+    connections (recheck False): an agent starting or stopping leaves established ones alone."""
     out: list[str] = []
+    if recheck:
+        known = ["ct state related accept", "ct direction reply accept"]  # replies skip policy
+    else:
+        known = ["ct state established,related accept"]
     # The proxies' own upstream connections live in a conntrack zone of their own. Otherwise a
     # workload socket that happens to reuse the 5-tuple of a finished proxy query (UDP entries
     # live 120 s) would be "established" and skip the DNS redirect: a bypass.
@@ -361,10 +402,10 @@ def _hooks(http_port: int, dns_port: int) -> list[str]:
         f"iif lo meta mark {EGRESS_DROP_MARK:#x} drop",
         f"iif lo meta mark {DNS_TPROXY_MARK:#x} goto dns_tproxy",
         "iif lo accept",
-        "ct state established,related accept",
+        *known,
         f"icmpv6 type {{ {ND_TYPES} }} accept",
         "goto ingress_policy",
-    ], hook="type filter hook prerouting priority -150", comment="ingress: policy for new connections")
+    ], hook="type filter hook prerouting priority -150", comment="ingress: policy")
     out += _chain("dns_tproxy", [
         f"meta l4proto udp tproxy ip to 127.0.0.1:{dns_port} accept",
         f"meta l4proto tcp tproxy ip to 127.0.0.1:{dns_port} accept",
@@ -378,18 +419,22 @@ def _hooks(http_port: int, dns_port: int) -> list[str]:
         f"meta l4proto {{ tcp, udp }} th dport {{ {http_port}, {dns_port} }} ct status & dnat != dnat drop",
     ], hook="type filter hook input priority 0", comment="proxy ports only through redirects")
     out += _chain("output", [
-        "oif lo accept",
         f"meta mark {PROXY_MARK:#x} accept",
-        # DNS over UDP is re-checked even on an established flow: a socket that started before
-        # a DNS policy (or a flow the policy no longer lets through directly) must not keep
-        # talking to the server around the proxy.
-        f"ct direction original meta l4proto udp udp dport 53 ct mark != {DNS_TPROXY_MARK:#x} "
-        "goto egress_policy",
-        "ct state established,related accept",
+        # Docker's embedded DNS server answers at 127.0.0.11 on the container's own loopback (its
+        # NAT rules pass the queries to dockerd): traffic to it is DNS egress, policed and proxied
+        # like any DNS server's; the rest of loopback is not policed.
+        f"oif lo ip daddr != {DOCKER_DNS} accept",
+        "oif lo meta nfproto ipv6 accept",
+        # DNS over UDP is re-checked even on an established flow (so are all original-direction
+        # packets with recheck): a socket that started before a DNS policy (or a flow the policy
+        # no longer lets through directly) must not keep talking to the server around the proxy.
+        *([] if recheck else [
+            f"ct direction original meta l4proto udp udp dport 53 ct mark != {DNS_TPROXY_MARK:#x} "
+            "goto egress_policy"]),
+        *known,
         f"icmpv6 type {{ {ND_TYPES} }} accept",
         "goto egress_policy",
-    ], hook=f"type filter hook output priority {EGRESS_PRIORITY}",
-        comment="egress: policy for new connections")
+    ], hook=f"type filter hook output priority {EGRESS_PRIORITY}", comment="egress: policy")
     out += _chain("output_route", [
         f"meta mark {PROXY_MARK:#x} return",
         f"meta mark {EGRESS_DROP_TAG:#x} meta mark set {EGRESS_DROP_MARK:#x} return",
@@ -407,7 +452,12 @@ def _hooks(http_port: int, dns_port: int) -> list[str]:
     out += _chain("nat_output", [
         f"meta mark {PROXY_MARK:#x} return",
         f"ct mark {HTTP_REDIRECT_MARK:#x} meta l4proto tcp redirect to :{http_port}",
-    ], hook="type nat hook output priority -100")
+        # A null DNAT on the queries to Docker's DNS server that go to our DNS proxy: the first NAT
+        # binding wins and this chain runs before Docker's (priority -100), so Docker's DNAT to its
+        # server's real port stays off them and the proxy sees port 53, as the workload sent it.
+        f"ct mark {DNS_TPROXY_MARK:#x} ip daddr {DOCKER_DNS} meta l4proto {{ udp, tcp }} th dport 53 "
+        f"dnat ip to {DOCKER_DNS}:53",
+    ], hook="type nat hook output priority -110")
     return out
 
 
@@ -459,5 +509,5 @@ def closed_table(state: DatapathState | None = None, table: str = TABLE) -> str:
     body = _identity_maps(state)
     for d in DIRECTIONS:
         body += _direction(d, state.mode(d), state.entries(d), closed=True)
-    body += _hooks(http_port, dns_port)
+    body += _hooks(http_port, dns_port, recheck=False)
     return _script(body, table)

@@ -12,3 +12,4 @@ NFLOG_GROUP = 1  # policy drops are logged here, prefix "l7gate:<direction>:<rea
 EGRESS_DROP_TAG = 0x4C3A  # packet mark the egress policy puts on a denied packet
 EGRESS_DROP_MARK = 0x4C3B  # fwmark the route chain makes of it: routed to lo, dropped there
 PROXY_ZONE = 0x4C37  # conntrack zone of the proxies' upstream connections (16 bits)
+DOCKER_DNS = "127.0.0.11"  # Docker's embedded DNS server, inside every container on a user network

@@ -174,11 +174,12 @@ def _norm(ip: str) -> str:
     return canonical_ip(ip)
 
 
-def fqdn_elements(table: str = TABLE) -> dict[str, tuple[int, int | None]]:
-    """The FQDN maps as they are now: ip -> (identity, seconds until expiry or None)."""
+def fqdn_elements(table: str = TABLE, name: str = "fqdn") -> dict[str, tuple[int, int | None]]:
+    """An FQDN map (`fqdn`, or `fqdnz` for established connections) as it is now:
+    ip -> (identity, seconds until expiry or None)."""
     out: dict[str, tuple[int, int | None]] = {}
     for v in (4, 6):
-        doc = json.loads(run(f"list map inet {table} fqdn{v}\n", json_output=True))
+        doc = json.loads(run(f"list map inet {table} {name}{v}\n", json_output=True))
         for item in doc.get("nftables", []):
             for key, ident in item.get("map", {}).get("elem", []):
                 if isinstance(key, dict):
@@ -190,7 +191,8 @@ def fqdn_elements(table: str = TABLE) -> dict[str, tuple[int, int | None]]:
 
 
 def add_fqdn_elements(elements: Iterable[tuple[str, int, int]], table: str = TABLE) -> None:
-    """Add or refresh DNS-learned IPs: [(ip, identity, timeout seconds; 0 = none)] in one transaction.
+    """Add or refresh DNS-learned IPs: [(ip, identity, timeout seconds; 0 = none)] in one transaction,
+    into both FQDN maps.
 
     Re-adding an IP with the same identity refreshes its timeout. An IP whose identity changed
     (the kernel refuses to overwrite a map value) is deleted and re-added in the same transaction.
@@ -205,15 +207,22 @@ def add_fqdn_elements(elements: Iterable[tuple[str, int, int]], table: str = TAB
     except NftError as err:
         if "File exists" not in err.message:
             raise
-    current = fqdn_elements(table)
-    changed = [ip for ip, ident, _ in elements
-               if current.get(_norm(ip), (ident,))[0] != ident]
-    run(dp_compile.fqdn_delete_command(changed, table) + command)
+    deletes = ""
+    for name in dp_compile.FQDN_MAPS:
+        current = fqdn_elements(table, name)
+        changed = [ip for ip, ident, _ in elements
+                   if current.get(_norm(ip), (ident,))[0] != ident]
+        deletes += dp_compile.fqdn_delete_command(changed, table, maps=[name])
+    run(deletes + command)
 
 
 def delete_fqdn_elements(ips: Iterable[str], table: str = TABLE) -> None:
-    """Forget DNS-learned IPs now (those already expired are skipped)."""
-    current = fqdn_elements(table)
-    present = [ip for ip in ips if _norm(ip) in current]
-    if present:
-        run(dp_compile.fqdn_delete_command(present, table))
+    """Forget DNS-learned IPs now, from both maps (those already expired are skipped)."""
+    ips = list(ips)
+    deletes = ""
+    for name in dp_compile.FQDN_MAPS:
+        current = fqdn_elements(table, name)
+        present = [ip for ip in ips if _norm(ip) in current]
+        deletes += dp_compile.fqdn_delete_command(present, table, maps=[name])
+    if deletes:
+        run(deletes)
