@@ -227,6 +227,9 @@ def test_engine_view_resolves_endpoints_and_world_addresses():
     w = view.resolve("203.0.113.7")
     assert w.pod_name == "" and "reserved:world" in w.labels and w.names == ("api.github.com",)
     assert view.resolve("not-an-ip") is None
+    for loopback in ("127.0.0.1", "::1"):  # e.g. a query to Docker's DNS at 127.0.0.11
+        me = view.resolve(loopback)
+        assert (me.namespace, me.pod_name) == ("default", "deathstar-1")
 
 
 def test_engine_view_explains_drops_and_allows():

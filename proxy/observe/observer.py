@@ -161,7 +161,12 @@ class EngineView:
 
     def _lookup(self, engine, ip: str) -> EndpointInfo | None:
         try:
-            peer = engine.ip_peer(ip)
+            if ip.startswith("127.") or ip == "::1":
+                # loopback is this workload: a query to Docker's DNS server at 127.0.0.11 comes
+                # from 127.0.0.1, and the flow's source is the endpoint, not the world
+                peer = engine.peer(self.endpoint_name)
+            else:
+                peer = engine.ip_peer(ip)
         except ValueError:
             return None
         ident = peer.identity
