@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo trace test bench clean
 
-# Debian packages the datapath, the lab and the compose checks need (installed when missing;
-# needs root). docker-compose is only the client (`config` checks); no Docker engine.
-DEBS := nftables iproute2 docker-compose
+# Debian packages the datapath, the lab and the compose tests need (installed when missing;
+# needs root): docker.io is the Docker engine (tests/test_compose_docker.py starts dockerd when it
+# is not running), left out when a dockerd is already installed (e.g. Docker's own docker-ce
+# packages, which conflict with it); debootstrap makes the offline base image.
+DEBS := nftables iproute2 docker-compose debootstrap $(if $(shell command -v dockerd),,docker.io)
 SYSDEPS := $(VENV)/.sysdeps
 
 $(SYSDEPS): Makefile

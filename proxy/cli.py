@@ -64,13 +64,21 @@ def _demo(args: argparse.Namespace) -> int:
         print("l7gate demo: name a demo (" + ", ".join(demo.names()) + ") or use --list",
               file=sys.stderr)
         return 2
-    return demo.run(args.name, keep=args.keep, out=sys.stdout, compose=args.compose)
+    if args.compose:
+        from proxy.docker import demo as compose_demo
+        return compose_demo.run(args.name, keep=args.keep, out=sys.stdout)
+    return demo.run(args.name, keep=args.keep, out=sys.stdout)
 
 
 def _compose_inject(args: argparse.Namespace) -> int:
     from proxy.docker import inject
     services = [x for x in (args.services or "").split(",") if x] or None
     return inject.inject_command(args.file, args.policies, services, args.output, sys.stdout)
+
+
+def _compose_build(args: argparse.Namespace) -> int:
+    from proxy.docker import images
+    return images.build_command(args.base, sys.stdout)
 
 
 def _add_control(sub, words: str, help_text: str) -> None:
@@ -165,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     lsub.add_parser("status", help="labs that are up")
     lab.set_defaults(func=_lab)
 
-    comp = sub.add_parser("compose", help="docker-compose: enforce an existing compose file")
+    comp = sub.add_parser("compose", help="docker-compose: enforce a compose file, build the sidecar image")
     csub2 = comp.add_subparsers(dest="compose_command", required=True, metavar="SUBCOMMAND")
     ci = csub2.add_parser("inject", help="write a compose file where every service has a sidecar")
     ci.add_argument("-f", "--file", action="append", default=[], metavar="FILE",
@@ -174,12 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--services", metavar="a,b", help="only these services (default: all)")
     ci.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
     ci.set_defaults(func=_compose_inject)
+    cb = csub2.add_parser("build",
+                          help="build the sidecar image l7gate-sidecar:latest (offline base by default)")
+    cb.add_argument("--base", metavar="IMAGE",
+                    help="base image, e.g. python:3.11-slim (default: a Debian bookworm base made "
+                         "locally with debootstrap, l7gate-base:<hash>)")
+    cb.set_defaults(func=_compose_build)
 
     d = sub.add_parser("demo", help="replay a tutorial in the lab: starwars, dns, namespaces, sockshop")
     d.add_argument("name", nargs="?", help="the demo to run")
     d.add_argument("--list", action="store_true", help="list the demos")
-    d.add_argument("--keep", action="store_true", help="leave the lab up after the last step")
-    d.add_argument("--compose", action="store_true", help="run it under docker-compose (not yet)")
+    d.add_argument("--keep", action="store_true", help="leave the lab (or stack) up after the last step")
+    d.add_argument("--compose", action="store_true",
+                   help="run it as a docker-compose stack (starwars; builds the images if needed)")
     d.set_defaults(func=_demo)
     return p
 

@@ -64,13 +64,10 @@ def test_the_four_demos_are_listed():
         assert n in out.getvalue()
 
 
-def test_unknown_demo_and_compose_are_usage_errors():
+def test_unknown_demo_is_a_usage_error():
     out = io.StringIO()
     assert run("nosuch", False, out) == 2
     assert "starwars" in out.getvalue()
-    out = io.StringIO()
-    assert run("starwars", False, out, compose=True) == 2
-    assert "not available yet" in out.getvalue()
 
 
 # -- each demo, end to end -----------------------------------------------------------------------

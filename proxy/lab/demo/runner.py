@@ -1,12 +1,16 @@
-"""`l7gate demo NAME`: build the demo's lab, replay the tutorial's steps, print what each gives.
+"""`l7gate demo NAME`: build the demo's workloads, replay the tutorial's steps, print what each gives.
+
+The workloads are the demo's namespace lab (`LabWorkloads`), or with `--compose` its
+docker-compose stack (`proxy.docker.demo`): `Replay` only talks to them through `Workloads`
+(build, remove, the policies directory, ask the sidecars, run a command inside a workload).
 
 Per check it prints the title and the command as a user would type it *before* running it, then
 the tutorial's outcome, the actual one and ✔/✘. While a request is pending (a hang takes the
 client's whole --timeout) a TTY shows the elapsed seconds on one line; other outputs get one
-plain "waiting" line. The lab is always removed at the end (Ctrl-C, SIGTERM/SIGHUP and errors
-included) unless --keep, which leaves it up after the last step and says how to explore it.
+plain "waiting" line. The workloads are always removed at the end (Ctrl-C, SIGTERM/SIGHUP and
+errors included) unless --keep, which leaves them up after the last step and says how to explore.
 
-Policies: each stage empties the lab's policies directory and copies its files in (atomically:
+Policies: each stage empties the policies directory and copies its files in (atomically:
 a hidden temporary name, then rename), then asks every sidecar over its control socket
 (`policy get`) until all report exactly the stage's policies; an agent answers only between
 syncs, so by then its nftables table is the new one. When a stage's policies have the same
@@ -26,6 +30,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Protocol
 
 from proxy.lab import rootless
 from proxy.lab.demo.scenarios import DEMOS, Check, Demo, Stage
@@ -58,18 +63,12 @@ def list_demos(out=None) -> int:
     return 0
 
 
-def run(name: str, keep: bool = False, out=None, compose: bool = False, *,
-        lab_name: str | None = None, root: str | None = None,
-        timeout: float = CLIENT_TIMEOUT) -> int:
+def run(name: str, keep: bool = False, out=None, *, lab_name: str | None = None,
+        root: str | None = None, timeout: float = CLIENT_TIMEOUT) -> int:
     """`l7gate demo NAME [--keep]`: 0 when every step gives what the tutorial says, 1 when one
     does not (or the lab fails), 2 for a usage problem (unknown demo, no privileges), 130 when
     interrupted. `lab_name` overrides the lab's name (default: the demo's name)."""
     out = out or sys.stdout
-    if compose:
-        print("error: `l7gate demo --compose` is not available yet: the docker-compose sidecar "
-              "demo comes with its own issue. Run the namespace-lab demo (without --compose).",
-              file=out)
-        return 2
     demo = DEMOS.get(name)
     if demo is None:
         print(f"error: no demo named {name!r}; the demos are: {', '.join(DEMOS)}", file=out)
@@ -96,7 +95,7 @@ def run(name: str, keep: bool = False, out=None, compose: bool = False, *,
               f"`l7gate demo {name} --keep`; explore it with `l7gate lab exec SERVICE -- ...`, "
               f"or remove it with `l7gate lab down {lab_name}` and run the demo again", file=out)
         return 1
-    return _Run(demo, lab_name, lab_file, keep, out, root, timeout).main()
+    return Replay(demo, LabWorkloads(lab_name, lab_file, root, out), keep, out, timeout).main()
 
 
 # -- signals -------------------------------------------------------------------------------------
@@ -135,7 +134,7 @@ def _uninterruptible():
 
 # -- the run -------------------------------------------------------------------------------------
 
-def _shown_path(p: Path) -> str:
+def shown_path(p: Path) -> str:
     """A path as the user would type it: relative to the current directory when under it."""
     try:
         rel = os.path.relpath(p)
@@ -154,21 +153,203 @@ def _policy_refs(paths: list[Path]) -> set[tuple]:
     return refs
 
 
-class _Run:
-    def __init__(self, demo: Demo, lab_name: str, lab_file: Path, keep: bool, out, root,
-                 timeout: float) -> None:
-        self.demo = demo
+def other_policy(demo: Demo) -> str | None:
+    """A policy of the demo that is not in force at its end (for the --keep hints)."""
+    last = demo.stages[-1].policies
+    return next((p for s in demo.stages for p in s.policies if p not in last), None)
+
+
+class Workloads(Protocol):
+    """Where a demo's workloads run and how the replay reaches them: the namespace lab
+    (`LabWorkloads`) or a docker-compose stack (`proxy.docker.demo.ComposeWorkloads`)."""
+
+    noun: str  # "lab" or "stack", in messages
+
+    def build(self, say: Callable[[str], None]) -> int:
+        """Bring the workloads and their sidecars up, saying what happens; 0, or the exit code."""
+
+    def remove(self, say: Callable[[str], None]) -> None:
+        """Remove what `build` created (also after a failed or interrupted build)."""
+
+    def policies_dir(self) -> Path:
+        """The directory every sidecar reads its policies from."""
+
+    def agents(self) -> list[str]:
+        """The names of the enforced workloads (one sidecar each)."""
+
+    def policies_in_force(self) -> dict[str, dict]:
+        """Each answering sidecar's `policy get`."""
+
+    def ip(self, workload: str) -> str:
+        """The workload's address."""
+
+    def command(self, workload: str, argv: list[str]) -> tuple[list[str], dict | None]:
+        """What runs `argv` (argv[0] is `python`) inside the workload, and its environment."""
+
+    def shown(self, workload: str, argv: list[str]) -> str:
+        """The same command as a user would type it."""
+
+    def logs(self) -> str:
+        """Where the sidecars' logs are (for a warning)."""
+
+    def keep_hint(self, demo: Demo) -> str:
+        """After a failed run without --keep: how to keep the workloads up to look into them."""
+
+    def keep(self, demo: Demo, say: Callable[[str], None]) -> bool:
+        """--keep: say how to explore; False when the workloads must be removed now after all."""
+
+
+class LabWorkloads:
+    """The namespace lab of `lab_file` (proxy.lab): `ip netns exec`, the registry in /run."""
+
+    noun = "lab"
+
+    def __init__(self, lab_name: str, lab_file: Path, root: str | None, out) -> None:
         self.lab_name = lab_name
         self.lab_file = lab_file
-        self.keep = keep
-        self.out = out
         self.root = root
-        self.timeout = timeout
-        self.tty = bool(getattr(out, "isatty", lambda: False)())
-        self.color = self.tty and not os.environ.get("NO_COLOR")
+        self.out = out
         self.lab = None
         self.building = False
         self.prefix = ""  # "LAB:" in `lab exec` commands when several labs are up
+
+    def build(self, say) -> int:
+        from proxy.lab.commands import print_lab, start
+        from proxy.lab.spec import LabFileError
+        say(f"building lab {self.lab_name} from {shown_path(self.lab_file)} "
+            f"(workloads with their sidecars) ...")
+        t0 = time.monotonic()
+        self.building = True  # an interrupt now: start() removes what it built
+        try:
+            self.lab = start(self.lab_file, name=self.lab_name, root=self.root)
+        except LabExists as e:
+            self.building = False
+            say(f"error: {e}")
+            return 1
+        except LabFileError as e:
+            self.building = False
+            say("error: invalid lab file:\n  " + "\n  ".join(e.problems))
+            return 2
+        except LabError as e:
+            self.building = False
+            say(f"error: {e}\n  (everything the demo created was removed)")
+            return 1
+        self.building = False
+        say(f"lab {self.lab_name} is up ({time.monotonic() - t0:.1f} s):")
+        print_lab(self.lab, self.out)
+        if len(labs(state_root(self.root))) > 1:
+            self.prefix = f"{self.lab_name}:"
+        return 0
+
+    def remove(self, say) -> None:
+        dir = state_root(self.root) / self.lab_name
+        if self.lab is None:
+            # start() removes what it built when it fails or is interrupted; this covers an
+            # interrupt that landed between its return and the assignment.
+            st = State.load(dir)
+            if st is None or st.data.get("pid") != os.getpid():
+                if self.building:
+                    say(f"the partly built lab {self.lab_name} was removed")
+                return
+        say(f"removing lab {self.lab_name} ...")
+        problems = teardown(dir)
+        if problems:
+            say("  could not remove everything:\n    " + "\n    ".join(problems)
+                + f"\n  (`l7gate lab down {self.lab_name}` retries)")
+        else:
+            say(f"lab {self.lab_name} removed")
+
+    def policies_dir(self) -> Path:
+        return Path(self.lab.policies_dir)
+
+    def agents(self) -> list[str]:
+        return [n["name"] for n in self.lab.nodes if n["kind"] != "external" and n.get("enforce")]
+
+    def policies_in_force(self) -> dict[str, dict]:
+        from proxy.agent import control
+        return dict(control.ask_all(self.lab.registry_dir, "policy get"))
+
+    def ip(self, workload: str) -> str:
+        return self.lab.ip(workload)
+
+    def command(self, workload: str, argv: list[str]) -> tuple[list[str], dict | None]:
+        node = self.lab.node(workload)
+        return (["ip", "netns", "exec", node["netns"], sys.executable, *argv[1:]],
+                child_env(self.lab.name, node["name"], self.lab.state_dir))
+
+    def shown(self, workload: str, argv: list[str]) -> str:
+        return f"l7gate lab exec {self.prefix}{workload} -- {shlex.join(argv)}"
+
+    def logs(self) -> str:
+        return f"logs: {self.lab.state_dir}/logs/"
+
+    def keep_hint(self, demo: Demo) -> str:
+        return (f"(`l7gate demo {demo.name} --keep` leaves the lab up to look into: "
+                "`l7gate lab status`, the sidecars' logs)")
+
+    def keep(self, demo: Demo, say) -> bool:
+        self._explore(demo, say)
+        if rootless.inside():
+            self._hold(say)
+            return False
+        return True
+
+    def _explore(self, demo: Demo, say) -> None:
+        lab = self.lab
+        pfx = self.prefix
+        pdir = lab.policies_dir
+        rootless_lab = rootless.inside()
+        say(f"\n--keep: lab {lab.name} stays up. Explore it:")
+        say("  l7gate lab status")
+        for ex in demo.explore:
+            say(f"  l7gate lab exec {pfx}{ex}")
+        say(f"  l7gate lab exec {pfx}SERVICE -- sh    (a shell inside a workload)")
+        if rootless_lab:  # its /run is private: reach the registry from inside the lab
+            say(f"  l7gate lab exec {pfx}{self.agents()[0]} -- python -m proxy.cli endpoint list "
+                f"--registry {lab.registry_dir}    (also: observe, policy get, identity list, "
+                "fqdn cache list)")
+        else:
+            say(f"  L7GATE_REGISTRY={lab.registry_dir} l7gate endpoint list    "
+                "(also: policy get, identity list, fqdn cache list)")
+            say(f"  L7GATE_REGISTRY={lab.registry_dir} l7gate observe --last 50    "
+                "(the flows behind each step; --follow, --verdict DROPPED, -o json)")
+        other = other_policy(demo)
+        if other:
+            src = Path(project_root()) / "policies" / other
+            shown = shown_path(src) + ("/*" if src.is_dir() else "")
+            cmd = f"rm -f {pdir}/* && cp {shown} {pdir}/"
+            what = "another policy: the sidecars apply it within a second"
+        else:
+            cmd = f"rm -f {pdir}/*"
+            what = "back to no policy: the sidecars apply it within a second"
+        if rootless_lab:
+            cmd = f"l7gate lab exec {pfx}{self.agents()[0]} -- sh -c '{cmd}'"
+        say(f"  {cmd}    ({what})")
+        say(f"  l7gate lab down {lab.name}    (removes it)")
+
+    @staticmethod
+    def _hold(say) -> None:
+        say("rootless: the lab lives as long as this command (its files are private to it); "
+            "other shells reach it with `l7gate lab exec`. Ctrl-C (or `l7gate lab down` "
+            "from another shell) removes it.")
+        try:
+            while True:
+                signal.pause()
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM / SIGHUP: main() removes the lab
+            say("")
+
+
+class Replay:
+    """One demo replayed on its workloads: stage by stage, check by check, then removed."""
+
+    def __init__(self, demo: Demo, workloads: Workloads, keep: bool, out, timeout: float) -> None:
+        self.demo = demo
+        self.w = workloads
+        self.keep = keep
+        self.out = out
+        self.timeout = timeout
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.color = self.tty and not os.environ.get("NO_COLOR")
         self.refs: set[tuple] = set()  # the policies in force (as the sidecars confirmed)
         self.passed = 0
         self.done = 0
@@ -202,7 +383,6 @@ class _Run:
     # -- main ------------------------------------------------------------------------------------
     def main(self) -> int:
         t0 = time.monotonic()
-        dir = state_root(self.root) / self.lab_name
         kept = False
         rc = 1
         with _interruptible():
@@ -217,15 +397,10 @@ class _Run:
                     self.say(f"\n{mark} {self.passed}/{total} steps as the tutorial says{failed} "
                              f"({time.monotonic() - t0:.1f} s)")
                     if not ok and not self.keep:
-                        self.say(f"  (`l7gate demo {self.demo.name} --keep` leaves the lab up to "
-                                 "look into: `l7gate lab status`, the sidecars' logs)")
+                        self.say("  " + self.w.keep_hint(self.demo))
                     rc = 0 if ok else 1
                     if self.keep:
-                        kept = True
-                        self._explore()
-                        if rootless.inside():
-                            self._hold()
-                            kept = False
+                        kept = self.w.keep(self.demo, self.say)
             except KeyboardInterrupt:
                 if self.tty:
                     self.out.write("\r\033[K")
@@ -238,59 +413,19 @@ class _Run:
                 kept = False
             finally:
                 if not kept:
-                    self._remove(dir)
+                    with _uninterruptible():
+                        self.w.remove(self.say)
         return rc
 
     def _build(self) -> int:
-        from proxy.lab.commands import print_lab, start
-        from proxy.lab.spec import LabFileError
         d = self.demo
         self.say(f"l7gate demo {d.name}: {d.title}")
         self.say(f"  ({d.seed}; {d.checks} steps)")
-        self.say(f"building lab {self.lab_name} from {_shown_path(self.lab_file)} "
-                 f"(workloads with their sidecars) ...")
-        t0 = time.monotonic()
-        self.building = True  # an interrupt now: start() removes what it built
-        try:
-            self.lab = start(self.lab_file, name=self.lab_name, root=self.root)
-        except LabExists as e:
-            self.building = False
-            self.say(f"error: {e}")
-            return 1
-        except LabFileError as e:
-            self.building = False
-            self.say("error: invalid lab file:\n  " + "\n  ".join(e.problems))
-            return 2
-        except LabError as e:
-            self.building = False
-            self.say(f"error: {e}\n  (everything the demo created was removed)")
-            return 1
-        self.building = False
-        self.say(f"lab {self.lab_name} is up ({time.monotonic() - t0:.1f} s):")
-        print_lab(self.lab, self.out)
-        if len(labs(state_root(self.root))) > 1:
-            self.prefix = f"{self.lab_name}:"
-        self.say(f"  each request runs inside its workload with --timeout {self.timeout:g}: a hang "
-                 f"shows as TIMEOUT after {self.timeout:g} s")
-        return 0
-
-    def _remove(self, dir: Path) -> None:
-        with _uninterruptible():
-            if self.lab is None:
-                # start() removes what it built when it fails or is interrupted; this covers an
-                # interrupt that landed between its return and the assignment.
-                st = State.load(dir)
-                if st is None or st.data.get("pid") != os.getpid():
-                    if self.building:
-                        self.say(f"the partly built lab {self.lab_name} was removed")
-                    return
-            self.say(f"removing lab {self.lab_name} ...")
-            problems = teardown(dir)
-            if problems:
-                self.say("  could not remove everything:\n    " + "\n    ".join(problems)
-                         + f"\n  (`l7gate lab down {self.lab_name}` retries)")
-            else:
-                self.say(f"lab {self.lab_name} removed")
+        rc = self.w.build(self.say)
+        if rc == 0:
+            self.say(f"  each request runs inside its workload with --timeout {self.timeout:g}: a "
+                     f"hang shows as TIMEOUT after {self.timeout:g} s")
+        return rc
 
     # -- stages ----------------------------------------------------------------------------------
     def _stages(self) -> None:
@@ -305,19 +440,18 @@ class _Run:
                 self._check(n, check)
 
     def _apply(self, stage: Stage) -> None:
-        lab = self.lab
-        pdir = Path(lab.policies_dir)
+        pdir = self.w.policies_dir()
         srcs = [Path(project_root()) / "policies" / p for p in stage.policies]
         files = []
         for s in srcs:
             files += sorted(f for f in s.iterdir() if f.suffix in (".yaml", ".yml", ".json")) \
                 if s.is_dir() else [s]
         want = _policy_refs(files) if files else set()
-        shown_dir = _shown_path(pdir)
+        shown_dir = shown_path(pdir)
         if not files:
-            self.say(f"   (no policy: the lab's policies directory {shown_dir}/ is empty)")
+            self.say(f"   (no policy: the {self.w.noun}'s policies directory {shown_dir}/ is empty)")
         else:
-            shown = " ".join(_shown_path(f) for f in files)
+            shown = " ".join(shown_path(f) for f in files)
             self.say(f"   $ rm -f {shown_dir}/* && cp {shown} {shown_dir}/")
         if files and want == self.refs:
             # Same policy names as now in force: make the agents drop them first, so that
@@ -332,7 +466,7 @@ class _Run:
         if want or self.refs:
             secs = self._wait_sync(want, "waiting for the sidecars")
             if secs is not None:
-                n = len(self._agents())
+                n = len(self.w.agents())
                 what = "in force" if want else "no policy any more"
                 self.say(f"   {what} on all {n} sidecars after {secs:.1f} s")
 
@@ -344,20 +478,16 @@ class _Run:
             elif old.is_dir():
                 shutil.rmtree(old)
 
-    def _agents(self) -> list[str]:
-        return [n["name"] for n in self.lab.nodes if n["kind"] != "external" and n.get("enforce")]
-
     def _wait_sync(self, want: set[tuple], label: str) -> float | None:
         """Until every sidecar reports exactly `want` in force (and no file errors)."""
-        from proxy.agent import control
-        agents = set(self._agents())
+        agents = set(self.w.agents())
         t0 = time.monotonic()
         tick: dict = {}
         missing = agents
         errors: list[str] = []
         try:
             while True:
-                answers = dict(control.ask_all(self.lab.registry_dir, "policy get"))
+                answers = self.w.policies_in_force()
                 missing = set()
                 errors = []
                 for a in agents:
@@ -384,7 +514,7 @@ class _Run:
         else:
             self.say("   " + self._paint("warning", "33") + f": after {SYNC_TIMEOUT:g} s, sidecars "
                      f"{', '.join(sorted(missing))} do not report the expected policies "
-                     f"(logs: {self.lab.state_dir}/logs/)")
+                     f"({self.w.logs()})")
         return None
 
     def _command(self, check: Check) -> list[str]:
@@ -393,7 +523,7 @@ class _Run:
             while "{ip:" in a:
                 start = a.index("{ip:")
                 end = a.index("}", start)
-                a = a[:start] + self.lab.ip(a[start + 4:end]) + a[end + 1:]
+                a = a[:start] + self.w.ip(a[start + 4:end]) + a[end + 1:]
             args.append(a)
         return [*CLIENT, *args]
 
@@ -401,7 +531,7 @@ class _Run:
         total = self.demo.checks
         argv = self._command(check)
         self.say(f"\n [{n}/{total}] {check.title}")
-        self.say(f"   $ l7gate lab exec {self.prefix}{check.workload} -- {shlex.join(argv)}")
+        self.say(f"   $ {self.w.shown(check.workload, argv)}")
         self.say(f"   tutorial: {check.expect}")
         t0 = time.monotonic()
         stdout, stderr, code = self._exec(check.workload, [*argv, "--timeout", f"{self.timeout:g}"])
@@ -418,9 +548,7 @@ class _Run:
                 self.say(f"             | {line}")
 
     def _exec(self, workload: str, argv: list[str]) -> tuple[str, str, int]:
-        node = self.lab.node(workload)
-        cmd = ["ip", "netns", "exec", node["netns"], sys.executable, *argv[1:]]
-        env = child_env(self.lab.name, node["name"], self.lab.state_dir)
+        cmd, env = self.w.command(workload, argv)
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         t0 = time.monotonic()
         tick: dict = {}
@@ -441,51 +569,6 @@ class _Run:
             raise
         finally:
             self._clear_ticker(tick)
-
-    # -- --keep ----------------------------------------------------------------------------------
-    def _explore(self) -> None:
-        lab = self.lab
-        pfx = self.prefix
-        pdir = lab.policies_dir
-        rootless_lab = rootless.inside()
-        self.say(f"\n--keep: lab {lab.name} stays up. Explore it:")
-        self.say("  l7gate lab status")
-        for ex in self.demo.explore:
-            self.say(f"  l7gate lab exec {pfx}{ex}")
-        self.say(f"  l7gate lab exec {pfx}SERVICE -- sh    (a shell inside a workload)")
-        if rootless_lab:  # its /run is private: reach the registry from inside the lab
-            self.say(f"  l7gate lab exec {pfx}{self._agents()[0]} -- python -m proxy.cli endpoint list "
-                     f"--registry {lab.registry_dir}    (also: observe, policy get, identity list, "
-                     "fqdn cache list)")
-        else:
-            self.say(f"  L7GATE_REGISTRY={lab.registry_dir} l7gate endpoint list    "
-                     "(also: policy get, identity list, fqdn cache list)")
-            self.say(f"  L7GATE_REGISTRY={lab.registry_dir} l7gate observe --last 50    "
-                     "(the flows behind each step; --follow, --verdict DROPPED, -o json)")
-        last = self.demo.stages[-1].policies
-        other = next((p for s in self.demo.stages for p in s.policies if p not in last), None)
-        if other:
-            src = Path(project_root()) / "policies" / other
-            shown = _shown_path(src) + ("/*" if src.is_dir() else "")
-            cmd = f"rm -f {pdir}/* && cp {shown} {pdir}/"
-            what = "another policy: the sidecars apply it within a second"
-        else:
-            cmd = f"rm -f {pdir}/*"
-            what = "back to no policy: the sidecars apply it within a second"
-        if rootless_lab:
-            cmd = f"l7gate lab exec {pfx}{self._agents()[0]} -- sh -c '{cmd}'"
-        self.say(f"  {cmd}    ({what})")
-        self.say(f"  l7gate lab down {lab.name}    (removes it)")
-
-    def _hold(self) -> None:
-        self.say("rootless: the lab lives as long as this command (its files are private to it); "
-                 "other shells reach it with `l7gate lab exec`. Ctrl-C (or `l7gate lab down` "
-                 "from another shell) removes it.")
-        try:
-            while True:
-                signal.pause()
-        except KeyboardInterrupt:  # Ctrl-C / SIGTERM / SIGHUP: main() removes the lab
-            self.say("")
 
 
 def _describe(stdout: str, stderr: str, code: int) -> str:
