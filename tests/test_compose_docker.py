@@ -330,3 +330,75 @@ def test_interrupted_compose_demo_takes_the_stack_down(built, when):
     text = "".join(seen)
     assert "interrupted" in text and f"stack {project} removed" in text, text
     assert leftovers(project) == []
+
+
+# -- a stack of the user's own, through inject ----------------------------------------------------
+SHOP_FILE = ROOT / "tests" / "data" / "compose" / "shop.yml"
+SHOP_POLICIES = {
+    "db.yaml": """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db-from-web, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {app: web}}]
+      toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+""",
+    "payments.yaml": """\
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: payments-read-only, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {tier: external}}
+  ingress:
+    - fromEndpoints: [{matchLabels: {tier: frontend}}]
+      toPorts:
+        - ports: [{port: "80", protocol: TCP}]
+          rules: {http: [{method: GET, path: "/api/.*"}]}
+""",
+}
+
+
+def test_a_users_own_stack_runs_enforced_through_inject(built, tmp_path):
+    """The user's file stays as it is; `compose inject` writes the enforced one, which comes up
+    and enforces the KNP/CNP-style policies by the stack's own compose labels."""
+    original = SHOP_FILE.read_bytes()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    policies.chmod(0o755)
+    enforced = tmp_path / "enforced.yml"
+    # the compose project name is the endpoints' namespace: `shop`, the policies' namespace
+    p = subprocess.run([*l7gate(), "compose", "inject", "-f", str(SHOP_FILE), "--policies", str(policies),
+                        "-o", str(enforced)], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                       env=dict(os.environ, COMPOSE_PROJECT_NAME="shop"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert SHOP_FILE.read_bytes() == original, "the user's file is never written"
+    project = f"{PREFIX}-shop"
+    compose = [COMPOSE, "-p", project, "-f", str(enforced)]
+    try:
+        up = subprocess.run([*compose, "up", "-d"], capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        stack = Stack(project, policies, workloads_of(project_containers(project)))
+        assert set(stack.workloads) == {"web", "db", "payments"}
+        assert client_of(stack)("web", "-X", "POST", "--url", "http://payments/api/charge").startswith(
+            "payments POST"), "no policy yet: open"
+        stack.set_policies(SHOP_POLICIES, wait_for="web")
+
+        client = client_of(stack)
+        assert client("web", "--tcp", "db:5432", "--send", "select 1") == "select 1"
+        assert client("web", "--url", "http://payments/api/balance").startswith("payments GET /api/balance")
+        assert client("web", "-X", "POST", "--url", "http://payments/api/charge") == "Access denied"
+        assert client("payments", "--tcp", "db:5432") == "TIMEOUT", "only web may reach the database"
+        assert client("db", "--url", "http://payments/api/balance") == "TIMEOUT", "db is not a frontend"
+    finally:
+        subprocess.run([*compose, "down", "-v", "--remove-orphans"], capture_output=True, text=True,
+                       timeout=300)
+    assert leftovers(project) == []
+
+
+def client_of(stack: Stack):
+    """`client(workload, *args)`: the lab client's one-line answer from inside the app container."""
+    def client(who: str, *argv: str) -> str:
+        return stack.exec(who, *CLIENT, *argv).stdout.strip()
+    return client
