@@ -87,6 +87,9 @@ def _add_fqdn_elements(elements: list[tuple[str, int, int]]) -> None:
     nft.add_fqdn_elements([(ip, ident, ttl) for ip, (ident, ttl) in merged.items()])
 
 
+FQDN_SLACK = 1  # seconds an FQDN element outlives its DNS TTL (see Agent._open_ips)
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -100,6 +103,7 @@ class Agent:
         self.oracle = EngineOracle(self.engine, cfg.name, open_ips=self._open_ips)
         self._registry_version: tuple | None = None
         self._fqdn_elements = Batcher(_add_fqdn_elements)  # one transaction per loop turn
+        self._written: dict[str, tuple[int, float]] = {}  # FQDN element -> (identity, expiry)
         self._table_ids: set[int] = set()
         self._ready = False
         view = EngineView(lambda: self.engine, cfg.name)
@@ -134,14 +138,23 @@ class Agent:
         nft.apply(dp_compile.compile_table(state, log_allowed=self.cfg.log_allowed))
         self._table_ids = ({2} | set(state.ipcache.values())
                            | {ident for ident, _ in state.fqdn.values()})
+        self._written = {}  # the new table's elements carry the cache's own expiries
 
     async def _open_ips(self, qname: str, ips: list[str], ttl: int) -> None:
         """A DNS answer was learned (already in the cache): open matching IPs before release.
 
         Usually the IPs' identity (world + prefixes + matching toFQDNs selectors) is already in
         the table, so adding the elements is enough; a new identity needs its policy entries,
-        which means a full (still atomic) table update."""
+        which means a full (still atomic) table update.
+
+        An element is written with FQDN_SLACK seconds more than the TTL, and not written again
+        while the one in the kernel already outlives the new TTL: a busy name costs one
+        transaction per FQDN_SLACK seconds, not one per answer, and an address is never closed
+        before its TTL is over (at most FQDN_SLACK s after; Cilium's expiry is up to a minute
+        late)."""
         elements = []
+        now = time.monotonic()
+        ttl = max(1, int(ttl))
         for ip in ips:
             if self.engine.ip_peer(ip).endpoint is not None:
                 continue  # an endpoint's address keeps the endpoint's identity
@@ -149,9 +162,15 @@ class Agent:
             if ident.id not in self._table_ids:
                 self.apply()
                 return
-            elements.append((ip, ident.id, max(1, int(ttl))))
+            written = self._written.get(ip)
+            if written is None or written[0] != ident.id or written[1] < now + ttl:
+                elements.append((ip, ident.id, ttl + FQDN_SLACK))
         if elements:
             await self._fqdn_elements.add(elements)
+            if len(self._written) > 65536:
+                self._written = {}  # bounded: forgetting only costs a rewrite
+            for ip, ident_id, timeout in elements:
+                self._written[ip] = (ident_id, now + timeout)
 
     def publish(self) -> None:
         ident = self.engine.identity_of(self.me)
