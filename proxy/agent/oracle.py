@@ -120,6 +120,7 @@ class EngineOracle:
         if self.open_ips is None:
             return
         try:
-            await asyncio.wait_for(self.open_ips(qname, ips, ttl), self.max_delay)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.max_delay):
+                await self.open_ips(qname, ips, ttl)
+        except TimeoutError:
             pass  # like Cilium: release the answer anyway after the max delay

@@ -214,7 +214,8 @@ class Server:
                            result=result, reason=verdict.reason)
                 return refusal(query, self.reject_rcode)
             try:
-                response = await asyncio.wait_for(exchange(query, server), self.upstream_timeout)
+                async with asyncio.timeout(self.upstream_timeout):  # no task of its own, unlike wait_for
+                    response = await exchange(query, server)
             except TimeoutError:
                 self.stats["upstream_timeouts"] += 1
                 self._flow(started, client, server, query, "ERROR", None, result=result,
