@@ -49,6 +49,11 @@ _LIBRARY_ERRORS = (DNSLibBufferError, DNSLibError, struct.error, ValueError, Ind
 
 class _Buffer(DNSBuffer):
     def decode_name(self, last: int = -1) -> DNSLabel:
+        """dnslib's hook (CNAME data): our decoder, in dnslib's type."""
+        return DNSLabel(list(self.labels()))
+
+    def labels(self) -> Labels:
+        """The name at the offset (compression followed, hardened), as raw labels."""
         data, pos = self.data, self.offset
         labels: list[bytes] = []
         octets, pointers, resume = 1, 0, None
@@ -82,7 +87,7 @@ class _Buffer(DNSBuffer):
                 labels.append(label)
                 pos += 1 + length
         self.offset = resume if resume is not None else pos
-        return DNSLabel(labels)
+        return tuple(labels)
 
 
 def present(labels: Labels) -> str:
@@ -183,13 +188,20 @@ def parse_header(data: bytes) -> Header:
     return Header(*_HEADER.unpack_from(data))
 
 
+_TYPE_CLASS = struct.Struct("!HH")
+
+
 def _question(buf: _Buffer) -> Question:
-    q = DNSQuestion.parse(buf)
-    return Question(tuple(q.qname.label), q.qtype, q.qclass)
+    labels = buf.labels()
+    if buf.offset + 4 > len(buf.data):
+        raise WireError("question runs past the end of the message")
+    qtype, qclass = _TYPE_CLASS.unpack_from(buf.data, buf.offset)
+    buf.offset += 4
+    return Question(labels, qtype, qclass)
 
 
 def _record(buf: _Buffer) -> Record:
-    labels = tuple(buf.decode_name().label)
+    labels = buf.labels()
     rtype, rclass, ttl, rdlength = buf.unpack("!HHIH")
     start = buf.offset
     if start + rdlength > len(buf.data):
