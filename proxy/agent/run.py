@@ -104,6 +104,7 @@ class Agent:
         self._registry_version: tuple | None = None
         self._fqdn_elements = Batcher(_add_fqdn_elements)  # one transaction per loop turn
         self._written: dict[str, tuple[int, float]] = {}  # FQDN element -> (identity, expiry)
+        self._ip_ids: dict[str, tuple] = {}  # see _ip_identity
         self._table_ids: set[int] = set()
         self._ready = False
         view = EngineView(lambda: self.engine, cfg.name)
@@ -156,21 +157,34 @@ class Agent:
         now = time.monotonic()
         ttl = max(1, int(ttl))
         for ip in ips:
-            if self.engine.ip_peer(ip).endpoint is not None:
+            ident = self._ip_identity(ip, now)
+            if ident is None:
                 continue  # an endpoint's address keeps the endpoint's identity
-            ident = self.engine.ip_identity(ip)
-            if ident.id not in self._table_ids:
+            if ident not in self._table_ids:
                 self.apply()
                 return
             written = self._written.get(ip)
-            if written is None or written[0] != ident.id or written[1] < now + ttl:
-                elements.append((ip, ident.id, ttl + FQDN_SLACK))
+            if written is None or written[0] != ident or written[1] < now + ttl:
+                elements.append((ip, ident, ttl + FQDN_SLACK))
         if elements:
             await self._fqdn_elements.add(elements)
             if len(self._written) > 65536:
                 self._written = {}  # bounded: forgetting only costs a rewrite
             for ip, ident_id, timeout in elements:
                 self._written[ip] = (ident_id, now + timeout)
+
+    def _ip_identity(self, ip: str, now: float) -> int | None:
+        """The identity of a learned address (None: an endpoint's), remembered for a second per
+        engine and FQDN cache generation: a busy name is answered thousands of times a second."""
+        gen = self.cache.generation
+        hit = self._ip_ids.get(ip)
+        if hit is not None and hit[0] is self.engine and hit[1] == gen and hit[2] > now:
+            return hit[3]
+        ident = None if self.engine.ip_peer(ip).endpoint is not None else self.engine.ip_identity(ip).id
+        if len(self._ip_ids) > 65536:
+            self._ip_ids = {}
+        self._ip_ids[ip] = (self.engine, gen, now + 1.0, ident)
+        return ident
 
     def publish(self) -> None:
         ident = self.engine.identity_of(self.me)

@@ -227,8 +227,9 @@ class Server:
             learned = learn(query, response)
             if learned.learnable:
                 try:
-                    # shielded: a client that goes away must not leave the datapath half-updated
-                    await asyncio.shield(self.oracle.learn(query.qname, list(learned.ips), learned.ttl))
+                    # not shielded: a client that goes away cancels only its wait; the datapath
+                    # write itself is shielded where it happens (the agent's batch)
+                    await self.oracle.learn(query.qname, list(learned.ips), learned.ttl)
                 except Exception as e:
                     log.exception("learning %s failed", query.qname)
                     raise DNSProtocolError(f"learning failed: {e!r}", SERVFAIL,
