@@ -121,7 +121,9 @@ def rcode_name(rcode: int) -> str:
     return str(RCODE[rcode])
 
 
-@dataclass(frozen=True)
+# Messages and their parts are slotted dataclasses, treated as read-only: frozen ones cost about
+# a microsecond more each to build, and a query builds several.
+@dataclass(slots=True)
 class Question:
     labels: Labels
     qtype: int
@@ -139,7 +141,7 @@ class Question:
         return DNSQuestion(DNSLabel(list(self.labels)), self.qtype, self.qclass)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Record:
     """One resource record; `value` is the address (A/AAAA) or the target labels (CNAME)."""
     labels: Labels
@@ -149,7 +151,7 @@ class Record:
     value: str | Labels | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Header:
     id: int
     flags: int
@@ -175,7 +177,7 @@ class Header:
         return bool(self.flags & TC)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Message:
     header: Header
     questions: tuple[Question, ...]
