@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from clitool import ROOT, l7gate, run_cli
+from clitool import ROOT, Output, l7gate, run_cli
 from proxy.docker import inject as inj
 from proxy.docker.demo import Workload, project_containers, workloads_of
 
@@ -288,46 +286,24 @@ def test_demo_starwars_compose_passes_and_leaves_nothing(built):
     assert leftovers(project) == []
 
 
-def _lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
-    q: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            q.put(line)
-        q.put(None)
-    threading.Thread(target=pump, daemon=True).start()
-    return q
-
-
 @pytest.mark.parametrize("when", ["starting stack", "[4/10]"])
 def test_interrupted_compose_demo_takes_the_stack_down(built, when):
     project = f"{PREFIX}-int{when.strip('[]/ ')[:2].replace('/', '')}"
     env = dict(os.environ, COMPOSE_PROJECT_NAME=project, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([*l7gate(), "demo", "starwars", "--compose"], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    q = _lines(proc)
-    seen = []
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = q.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line is None:
-                break
-            seen.append(line)
-            if when in line:
-                break
-        assert seen and when in seen[-1], "".join(seen)
+        out = Output(proc)
+        assert out.until(when, 300), str(out)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130, "".join(seen)
+        assert proc.wait(timeout=120) == 130, str(out)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         _compose(project, "down", "-v", "--remove-orphans")
-    while (line := q.get(timeout=5)) is not None:
-        seen.append(line)
-    text = "".join(seen)
+    text = out.rest()
     assert "interrupted" in text and f"stack {project} removed" in text, text
     assert leftovers(project) == []
 

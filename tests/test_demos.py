@@ -4,16 +4,15 @@ followed by `lab down`. The lab tests need root; each uses its own lab name.
 """
 import io
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from clitool import Output
 from proxy.lab.demo import DEMOS, list_demos, names, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,17 +98,6 @@ DEMO_IN_A_PROCESS = ("import sys\nfrom proxy.lab.demo import run\n"
                      "sys.exit(run(sys.argv[1], False, sys.stdout, lab_name=sys.argv[2]))\n")
 
 
-def _lines(proc: subprocess.Popen) -> "queue.Queue[str | None]":
-    q: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in proc.stdout:
-            q.put(line)
-        q.put(None)
-    threading.Thread(target=pump, daemon=True).start()
-    return q
-
-
 @root_only
 @pytest.mark.parametrize("when, sig", [
     ("building lab", signal.SIGINT),      # while the lab is being built
@@ -122,28 +110,17 @@ def test_interrupted_demo_leaves_nothing_behind(when, sig):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-c", DEMO_IN_A_PROCESS, "starwars", name], cwd=ROOT,
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    q = _lines(proc)
-    seen = []
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = q.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line is None:
-                break
-            seen.append(line)
-            if when in line:
-                break
-        assert seen and when in seen[-1], "".join(seen)
+        out = Output(proc)
+        assert out.until(when, 60), str(out)
         time.sleep(0.3 if when.startswith("[") else 0.05)
         proc.send_signal(sig)
-        assert proc.wait(timeout=30) == 130, "".join(seen)
+        assert proc.wait(timeout=30) == 130, str(out)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    while (line := q.get(timeout=5)) is not None:
-        seen.append(line)
-    text = "".join(seen)
+    text = out.rest()
     assert "interrupted" in text, text
     assert leftovers(name) == [], text
     assert root_nft_tables() == tables

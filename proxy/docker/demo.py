@@ -226,10 +226,8 @@ class ComposeWorkloads:
             "list, fqdn cache list)")
         say(f"  docker exec {side} l7gate observe --last 50    (the flows behind each step; --follow, "
             "--verdict DROPPED, -o json)")
-        other = other_policy(demo)
-        if other:
-            src = Path(project_root()) / "policies" / other
-            shown = shown_path(src) + ("/*" if src.is_dir() else "")
+        shown = other_policy(demo)
+        if shown:
             say(f"  rm -f {pdir}/* && cp {shown} {pdir}/    (another policy: the sidecars apply it "
                 "within a second)")
         say(f"  {self.shown_compose} down -v && rm -r {pdir}    (removes it)")

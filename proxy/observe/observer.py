@@ -21,6 +21,7 @@ from proxy.observe.flow import (EndpointInfo, Explainer, Explanation, ProxyEvent
 from proxy.observe.metrics import Metrics, MetricsServer
 from proxy.observe.nflog import NflogListener, Packet
 from proxy.observe.ring import DEFAULT_SIZE, FlowRing
+from proxy.policy.ipaddr import is_loopback
 
 log = logging.getLogger("l7gate.observe")
 
@@ -161,7 +162,7 @@ class EngineView:
 
     def _lookup(self, engine, ip: str) -> EndpointInfo | None:
         try:
-            if ip.startswith("127.") or ip == "::1":
+            if is_loopback(ip):
                 # loopback is this workload: a query to Docker's DNS server at 127.0.0.11 comes
                 # from 127.0.0.1, and the flow's source is the endpoint, not the world
                 peer = engine.peer(self.endpoint_name)

@@ -17,6 +17,11 @@ def ip_object(text: str) -> IPAddress:
     return ipaddress.ip_address(text)
 
 
+def is_loopback(text: str) -> bool:
+    """A loopback address (127.0.0.0/8, ::1): this network namespace itself."""
+    return text.startswith("127.") or text == "::1"
+
+
 @functools.lru_cache(maxsize=65536)
 def canonical_ip(text: str) -> str:
     """The address in its canonical text form (IPv6 compressed, lower case)."""

@@ -36,6 +36,7 @@ from proxy.l7.dns.chain import (REFUSED, SERVFAIL, Destination, DNSProtocolError
                                 Outstanding, Query, Response, TCPFramer, check_policy, error_reply,
                                 learn, parse_query, refusal, release)
 from proxy.l7.oracle import L7Result, PolicyOracle
+from proxy.policy.ipaddr import is_loopback
 
 log = logging.getLogger("l7gate.dns")
 
@@ -333,7 +334,7 @@ class Server:
         server address (most workloads ask one or two servers), except for a server in this
         namespace (loopback), whose own socket a lasting bind could shadow."""
         s = self._reply_socks.get(orig)
-        keep = not orig[0].startswith("127.") and orig[0] != "::1"
+        keep = not is_loopback(orig[0])
         try:
             if s is None:
                 s = self._reply_socket(orig)

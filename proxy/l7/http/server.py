@@ -47,6 +47,7 @@ from proxy.l7.http.conn import (
     Tunnel,
 )
 from proxy.l7.oracle import PolicyOracle
+from proxy.policy.ipaddr import is_loopback
 
 __all__ = ["Server", "serve", "serve_forever"]
 
@@ -98,7 +99,7 @@ class Server:
         self.local_ips = frozenset(_plain(str(ipaddress.ip_address(_plain(i)))) for i in ips)
 
     def is_local(self, ip: str) -> bool:
-        return ip in self.local_ips or ip.startswith("127.") or ip == "::1"
+        return ip in self.local_ips or is_loopback(ip)
 
     async def start(self, host: str | Sequence[str] | None, port: int) -> None:
         """Listen on `host` (None: 0.0.0.0, and :: too when the namespace has IPv6)."""

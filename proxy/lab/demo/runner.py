@@ -154,9 +154,14 @@ def _policy_refs(paths: list[Path]) -> set[tuple]:
 
 
 def other_policy(demo: Demo) -> str | None:
-    """A policy of the demo that is not in force at its end (for the --keep hints)."""
+    """A policy of the demo that is not in force at its end, as the --keep hints show it (a
+    file, or a directory's files as `DIR/*`), or None."""
     last = demo.stages[-1].policies
-    return next((p for s in demo.stages for p in s.policies if p not in last), None)
+    other = next((p for s in demo.stages for p in s.policies if p not in last), None)
+    if other is None:
+        return None
+    src = Path(project_root()) / "policies" / other
+    return shown_path(src) + ("/*" if src.is_dir() else "")
 
 
 class Workloads(Protocol):
@@ -313,10 +318,8 @@ class LabWorkloads:
                 "(also: policy get, identity list, fqdn cache list)")
             say(f"  L7GATE_REGISTRY={lab.registry_dir} l7gate observe --last 50    "
                 "(the flows behind each step; --follow, --verdict DROPPED, -o json)")
-        other = other_policy(demo)
-        if other:
-            src = Path(project_root()) / "policies" / other
-            shown = shown_path(src) + ("/*" if src.is_dir() else "")
+        shown = other_policy(demo)
+        if shown:
             cmd = f"rm -f {pdir}/* && cp {shown} {pdir}/"
             what = "another policy: the sidecars apply it within a second"
         else:
