@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub2 = comp.add_subparsers(dest="compose_command", required=True, metavar="SUBCOMMAND")
     ci = csub2.add_parser("inject", help="write a compose file where every service has a sidecar")
     ci.add_argument("-f", "--file", action="append", default=[], metavar="FILE",
-                    help="the compose file (default: compose.yaml / docker-compose.yml here)")
+                    help="the compose file (default: compose.yaml / docker-compose.yml here); repeat it to "
+                         "merge several, as compose does (merged by docker-compose config)")
     ci.add_argument("--policies", metavar="DIR", help="policies directory (default ./policies)")
     ci.add_argument("--services", metavar="a,b", help="only these services (default: all)")
     ci.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")

@@ -255,7 +255,6 @@ def test_inject_command_roundtrip(tmp_path: Path):
     buf2 = io.StringIO()
     assert inj.inject_command([str(out_file)], "pol", ["listform"], None, buf2) == 0
     assert inj.load(buf2.getvalue()) == doc  # re-run to stdout: the same document
-    assert inj.inject_command([str(src), str(src)], None, None, None, io.StringIO()) == 2
     assert inj.inject_command([str(tmp_path / "missing.yaml")], None, None, None, io.StringIO()) == 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("services: [1, 2]\n")
@@ -272,3 +271,27 @@ def test_image_override_and_replicas_warning(tmp_path: Path, monkeypatch: pytest
     assert doc["services"]["w-l7gate"]["image"] == "registry.local/l7gate:1"
     assert "./policies:/etc/l7gate/policies:ro" in doc["services"]["w-l7gate"]["volumes"]
     assert "3 replicas" in buf.getvalue()
+
+
+@pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose (Debian package docker-compose 1.29) "
+                    "is not installed: several -f files are merged by it")
+def test_several_files_are_merged_by_compose_first(tmp_path: Path):
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    base, override = stack / "compose.yaml", stack / "compose.override.yaml"
+    base.write_text("services:\n  web: {image: nginx, labels: {app: web}}\n  db: {image: postgres}\n")
+    override.write_text("services:\n  web: {labels: {tier: front}, ports: ['8080:80']}\n")
+    out_file = stack / "enforced.yaml"
+    buf = io.StringIO()
+    assert inj.inject_command([str(base), str(override)], "pol", None, str(out_file), buf) == 0, buf.getvalue()
+    doc = inj.load(out_file.read_text())
+    side = doc["services"]["web-l7gate"]
+    labels = side["command"][side["command"].index("--labels") + 1].split(",")
+    assert {"container:app=web", "container:tier=front"} <= set(labels), "both files' labels"
+    assert [str(p) for p in side["ports"]] and "ports" not in doc["services"]["web"], "moved to the sidecar"
+    assert doc["services"]["db"]["network_mode"] == "service:db-l7gate"
+    assert side["command"][-1] == "stack", "the project is the first file's folder"
+    assert compose_config(out_file).returncode == 0
+    broken = stack / "broken.yaml"
+    broken.write_text("services:\n  web: {ports: 12}\n")
+    assert inj.inject_command([str(base), str(broken)], None, None, None, io.StringIO()) == 1

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.docker import images
-from proxy.docker.inject import MARKER, REGISTRY_VOLUME
+from proxy.docker.inject import MARKER, REGISTRY_VOLUME, compose_cli
 from proxy.lab.demo.runner import CLIENT_TIMEOUT, Replay, other_policy, shown_path
 from proxy.lab.demo.scenarios import DEMOS, Demo
 from proxy.lab.netns import project_root
@@ -46,16 +46,6 @@ class Workload:
     sidecar: str  # container name
     ip: str  # the sidecar's address on the stack's network (the app shares it)
     labels: list[str]  # the endpoint's labels, as its sidecar's `--labels` gives them
-
-
-def compose_cli() -> list[str] | None:
-    """docker-compose (v1, Debian's) or `docker compose` (v2); None when neither is there."""
-    if shutil.which("docker-compose"):
-        return ["docker-compose"]
-    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"],
-                                                 capture_output=True).returncode == 0:
-        return ["docker", "compose"]
-    return None
 
 
 def project_containers(project: str) -> list[dict]:

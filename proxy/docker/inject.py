@@ -33,14 +33,16 @@ it is enforced together with X when X is injected).
 Idempotent: an app already joined to its marked sidecar is reported as already injected and nothing in
 the file changes. Sidecars carry the label `io.l7gate.sidecar-for: S` and are never injected themselves.
 
-Only one compose file is read: compose's multi-file merge rules are not reimplemented; merge first
-with `docker compose -f a.yml -f b.yml config > merged.yml`.
+Several `-f` files are merged first by the compose tool itself (`docker-compose ... config`, see
+`merged`): its override rules are not reimplemented; one file is read as it is.
 """
 from __future__ import annotations
 
 import copy
 import os
 import re
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -348,6 +350,31 @@ def project_name(doc: Any, path: Path) -> str:
     return re.sub(r"[^-_a-z0-9]", "", str(raw).lower()) or "default"
 
 
+def compose_cli() -> list[str] | None:
+    """docker-compose (v1, Debian's) or `docker compose` (v2); None when neither is there."""
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"],
+                                                 capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return None
+
+
+def merged(files: list[str]) -> str:
+    """Several compose files as one, merged by the compose tool itself (`config`): its override
+    rules are not reimplemented here. Relative paths come back absolute, anchored where compose
+    anchors them (the first file's folder). ValueError when no compose tool is installed or it
+    rejects the files."""
+    cli = compose_cli()
+    if cli is None:
+        raise ValueError("merging several compose files needs docker-compose or `docker compose`")
+    argv = [*cli] + [a for f in files for a in ("-f", f)] + ["config"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise ValueError(f"{' '.join(argv)}: {proc.stderr.strip()[-500:]}")
+    return proc.stdout
+
+
 def inject_command(files: list[str], policies: str | None, services: list[str] | None,
                    output: str | None, out: TextIO) -> int:
     """`l7gate compose inject`: 0 written, 1 bad input, 2 usage. The YAML goes to `output` or `out`;
@@ -361,13 +388,13 @@ def inject_command(files: list[str], policies: str | None, services: list[str] |
             print(f"error: no compose file given and none of {', '.join(DEFAULT_FILES)} here", file=err)
             return 2
         files = found[:1]
-    if len(files) > 1:
-        print("error: compose inject reads one compose file; merge several first with "
-              "`docker compose -f a.yml -f b.yml config > merged.yml`", file=err)
-        return 2
     path = Path(files[0])
     try:
-        doc = load(sys.stdin.read() if files[0] == "-" else path.read_text())
+        if len(files) > 1:
+            text = merged(files)
+        else:
+            text = sys.stdin.read() if files[0] == "-" else path.read_text()
+        doc = load(text)
         policies_dir = policies or DEFAULT_POLICIES
         if not os.path.isabs(policies_dir) and not policies_dir.startswith((".", "~")):
             policies_dir = "./" + policies_dir
@@ -375,7 +402,7 @@ def inject_command(files: list[str], policies: str | None, services: list[str] |
                              set(services) if services else None,
                              os.environ.get("L7GATE_SIDECAR_IMAGE") or IMAGE)
     except (OSError, yaml.YAMLError, ValueError) as e:
-        print(f"error: {path}: {e}", file=err)
+        print(f"error: {', '.join(files)}: {e}", file=err)
         return 1
     text = dump(new)
     if output:
