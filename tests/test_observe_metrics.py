@@ -88,6 +88,30 @@ def test_two_instances_do_not_share_counts():
                  protocol="HTTP/1.1") == 0
 
 
+def test_latencies_land_in_prometheus_buckets_bounds_included():
+    """le is "less than or equal": 5 ms counts in le=0.005, 5.1 ms only from le=0.01 on."""
+    m = Metrics()
+    flows = case("allowed L7")
+    response = next(f for f in flows if f.get("l7", {}).get("type") == "RESPONSE")
+    for latency_ns in (5_000_000, 5_100_000, 20_000_000_000):
+        response["l7"]["latency_ns"] = latency_ns
+        m.observe(response)
+    text = m.render().decode()
+    v = lambda le: value(text, "hubble_http_request_duration_seconds_bucket",  # noqa: E731
+                         method="POST", le=le)
+    assert (v("0.005"), v("0.01"), v("10.0"), v("+Inf")) == (1, 2, 2, 3)
+    assert value(text, "hubble_http_request_duration_seconds_count", method="POST") == 3
+    assert value(text, "hubble_http_request_duration_seconds_sum", method="POST") == \
+        pytest.approx(20.0101)
+
+
+def test_lost_events_count_by_source():
+    m = Metrics()
+    m.lost.labels("NFLOG").inc(3)
+    m.lost.labels("NFLOG").inc()
+    assert value(m.render().decode(), "hubble_lost_events_total", source="NFLOG") == 4
+
+
 def test_the_server_answers_a_scrape_with_the_same_text():
     m, _ = star_wars_replay()
     server = m.serve("127.0.0.1:0")

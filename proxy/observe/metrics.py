@@ -28,16 +28,19 @@ gives: never on all interfaces unless the address says so (`parse_address`).
 from __future__ import annotations
 
 import ipaddress
+from bisect import bisect_left
 from typing import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from proxy.observe.flow import (EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT, EVENT_TRACE, MATCH_TYPES,
                                 RCODE_NAMES, ProxyEventFlows, http_latency_ns, protocol_of)
 from proxy.observe.format import deciding_policies
 
 DEFAULT_PORT = 9965  # hubble's metrics port
+BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0)  # seconds
+BUCKET_NAMES = [str(b) for b in BUCKETS] + ["+Inf"]
 TYPE_NAMES = {EVENT_L7: "L7", EVENT_DROP: "Drop", EVENT_TRACE: "Trace", EVENT_POLICY_VERDICT: "PolicyVerdict"}
 
 
@@ -86,50 +89,113 @@ def _latency_s(flow: dict) -> float:
     return int(l7.get("latency_ns", 0) or 0) / 1e9
 
 
+class _Count:
+    """One counter series: a plain number, bumped on the event loop, read when scraped."""
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class _Buckets:
+    """One histogram series: counts per bucket (not cumulative; +Inf last) and the sum."""
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+
+class _Family:
+    """A metric and its series by label values. prometheus_client's own Counter costs ~1 us
+    per increment (a lock, checks); the proxies count several series per request, so series
+    are plain objects here and the text is made from them when scraped."""
+
+    def __init__(self, name: str, doc: str, labels: Iterable[str], histogram: bool = False) -> None:
+        self.name, self.doc, self.labelnames = name, doc, tuple(labels)
+        self.histogram = histogram
+        self.series: dict[tuple[str, ...], _Count | _Buckets] = {}
+
+    def labels(self, *values: str):
+        cell = self.series.get(values)
+        if cell is None:
+            cell = self.series[values] = _Buckets() if self.histogram else _Count()
+        return cell
+
+    def collect(self):
+        """The family as prometheus_client renders it (called on the scrape thread: a copy
+        of the series dict is taken in one step, numbers are read as they are)."""
+        series = list(self.series.items())
+        if not self.histogram:
+            family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+            for values, cell in series:
+                family.add_metric(values, cell.value)
+            return family
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for values, cell in series:
+            counts, total = list(cell.counts), cell.sum
+            cumulative, running = [], 0
+            for bound, n in zip(BUCKET_NAMES, counts):
+                running += n
+                cumulative.append((bound, running))
+            family.add_metric(values, cumulative, total)
+        return family
+
+
+class _Collector:
+    def __init__(self, families: list[_Family]) -> None:
+        self.families = families
+
+    def collect(self):
+        return [f.collect() for f in self.families]
+
+
 def _apply(plan: list, latency_s: float) -> None:
-    for child, timed in plan:
+    for cell, timed in plan:
         if timed:
-            child.observe(latency_s)
+            cell.observe(latency_s)
         else:
-            child.inc()
+            cell.value += 1
 
 
 class Metrics:
     MAX_PLANS = 4096
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.flows = Counter("hubble_flows_processed_total", "Total number of flows processed",
-                             ["protocol", "type", "subtype", "verdict"], registry=r)
-        self.drops = Counter("hubble_drop_total", "Number of drops", ["reason", "protocol"], registry=r)
-        self.policy = Counter("hubble_policy_verdicts_total", "Total number of network policy verdicts",
-                              ["direction", "match", "action"], registry=r)
-        self.by_policy = Counter("l7gate_policy_verdicts_by_policy_total",
-                                 "Network policy verdicts per deciding policy",
-                                 ["direction", "action", "kind", "namespace", "name"], registry=r)
-        self.dns_queries = Counter("hubble_dns_queries_total", "Number of DNS queries observed",
-                                   ["rcode", "qtypes", "ips_returned"], registry=r)
-        self.dns_responses = Counter("hubble_dns_responses_total", "Number of DNS responses observed",
-                                     ["rcode", "qtypes", "ips_returned"], registry=r)
-        self.dns_types = Counter("hubble_dns_response_types_total", "Number of DNS response record types",
-                                 ["type", "qtypes"], registry=r)
-        self.http_requests = Counter("hubble_http_requests_total", "Count of HTTP requests",
-                                     ["method", "protocol"], registry=r)
-        self.http_responses = Counter("hubble_http_responses_total", "Count of HTTP responses",
-                                      ["status", "method"], registry=r)
-        self.http_duration = Histogram("hubble_http_request_duration_seconds",
-                                       "HTTP request duration in seconds", ["method"], registry=r)
-        self.lost = Counter("hubble_lost_events_total", "Number of lost events", ["source"], registry=r)
-        self._children: dict = {}
+        F = _Family
+        self.flows = F("hubble_flows_processed_total", "Total number of flows processed",
+                       ["protocol", "type", "subtype", "verdict"])
+        self.drops = F("hubble_drop_total", "Number of drops", ["reason", "protocol"])
+        self.policy = F("hubble_policy_verdicts_total", "Total number of network policy verdicts",
+                        ["direction", "match", "action"])
+        self.by_policy = F("l7gate_policy_verdicts_by_policy_total",
+                           "Network policy verdicts per deciding policy",
+                           ["direction", "action", "kind", "namespace", "name"])
+        self.dns_queries = F("hubble_dns_queries_total", "Number of DNS queries observed",
+                             ["rcode", "qtypes", "ips_returned"])
+        self.dns_responses = F("hubble_dns_responses_total", "Number of DNS responses observed",
+                               ["rcode", "qtypes", "ips_returned"])
+        self.dns_types = F("hubble_dns_response_types_total", "Number of DNS response record types",
+                           ["type", "qtypes"])
+        self.http_requests = F("hubble_http_requests_total", "Count of HTTP requests",
+                               ["method", "protocol"])
+        self.http_responses = F("hubble_http_responses_total", "Count of HTTP responses",
+                                ["status", "method"])
+        self.http_duration = F("hubble_http_request_duration_seconds",
+                               "HTTP request duration in seconds", ["method"], histogram=True)
+        self.lost = F("hubble_lost_events_total", "Number of lost events", ["source"])
+        self.registry.register(_Collector([
+            self.flows, self.drops, self.policy, self.by_policy, self.dns_queries,
+            self.dns_responses, self.dns_types, self.http_requests, self.http_responses,
+            self.http_duration, self.lost]))
         self._plans: dict[tuple, list] = {}  # proxy event kind -> the series its flows count in
-
-    def _child(self, metric, *labels: str):
-        """metric.labels(*labels), memoised: prometheus_client's lookup costs ~4 us a call."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def observe_all(self, flows: Iterable[dict]) -> None:
         for f in flows:
@@ -153,8 +219,8 @@ class Metrics:
         """The series `flow` counts in: (child, timed); timed children observe the latency."""
         plan: list[tuple[object, bool]] = []
 
-        def count(metric, *labels: str, timed: bool = False) -> None:
-            plan.append((self._child(metric, *labels), timed))
+        def count(family: _Family, *labels: str, timed: bool = False) -> None:
+            plan.append((family.labels(*labels), timed))
 
         et = flow.get("event_type", {}).get("type", 0)
         verdict = flow.get("verdict", "VERDICT_UNKNOWN")
