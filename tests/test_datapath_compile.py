@@ -96,6 +96,39 @@ def test_the_closed_table_without_state_drops_everything_new():
         assert f"goto {d}_denied" in body and "vmap" not in body
 
 
+def _chain_body(script: str, name: str) -> str:
+    body = script[script.index(f"chain {name} {{"):]
+    return body[:body.index("\n\t}")]
+
+
+def test_connections_a_table_allows_carry_its_stamp_and_skip_the_lookups():
+    """The verdict cache: allow stamps the ct mark; the hooks accept that stamp first (after
+    loopback); the stamp is the table's own (same text, same stamp; other text, other stamp)."""
+    a = dpc.compile_table(state_of(CASES[2]))
+    stamps = set(re.findall(r"ct mark (?:set )?(0x[0-9a-f]{8})\b", a))
+    assert len(stamps) == 1
+    stamp = stamps.pop()
+    assert int(stamp, 16) & 0x80000000 and "@STAMP@" not in a
+    assert a == dpc.compile_table(state_of(CASES[2])), "deterministic"
+    for d in ("ingress", "egress"):
+        allow = _chain_body(a, f"{d}_allow")
+        assert f"ct mark set {stamp} meta mark set 0 accept" in allow
+        assert "ct state established ct mark != { 0x4c39, 0x4c38 }" in allow, \
+            "a redirected connection keeps its redirect mark"
+    for hook in ("prerouting", "output"):
+        rules = [r.strip() for r in _chain_body(a, hook).splitlines()]
+        first = next(i for i, r in enumerate(rules) if r.startswith("ct "))
+        assert rules[first] == f"ct mark {stamp} accept"
+        assert all(r.startswith(("iif lo", "oif lo", "meta mark")) for r in rules[3:first]
+                   if not r.startswith(("comment", "type"))), "only loopback and the proxies before"
+    other = state_of(CASES[2])
+    other.ipcache["10.9.9.9/32"] = 0x100
+    b = dpc.compile_table(other)
+    assert stamp not in b and dpc.table_stamp(b) != dpc.table_stamp(a)
+    closed = dpc.closed_table()
+    assert "ct state established,related accept" in _chain_body(closed, "prerouting")
+
+
 def test_bad_states_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="overlapping"):
         dpc.compile_table(DatapathState("default-deny", ingress=[

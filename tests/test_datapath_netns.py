@@ -441,10 +441,12 @@ def test_removing_an_allow_cuts_established_connections_both_ways(lab):
 
 
 def test_an_established_connection_to_an_fqdn_address_outlives_its_ttl(lab):
-    """Cilium keeps an expired DNS-learned address allowed while a connection uses it (zombies);
-    here established connections look up the fqdnz maps, which keep it ZOMBIE_GRACE s longer."""
-    lab.apply(lab.a, dpc.compile_table(state(egress_mode="default-deny",
-                                             egress=[allow(FQDN_ID, "TCP", 80)])))
+    """Cilium keeps an expired DNS-learned address allowed while a connection uses it (zombies).
+    Here a connection the table accepted carries its stamp and is not looked up again until
+    another table is applied; then its peer is looked up again (fqdnz: ZOMBIE_GRACE s past the
+    TTL): still known -> goes on, forgotten -> cut."""
+    policy = state(egress_mode="default-deny", egress=[allow(FQDN_ID, "TCP", 80)])
+    lab.apply(lab.a, dpc.compile_table(policy))
     with netns(lab.a):
         nft.add_fqdn_elements([(B2_IP, FQDN_ID, 1)])
         t0 = time.monotonic()
@@ -456,8 +458,16 @@ def test_an_established_connection_to_an_fqdn_address_outlives_its_ttl(lab):
         assert _exchange(conn, b"two") == b"B:two", "the established one goes on"
         with netns(lab.a):
             assert B2_IP not in nft.fqdn_elements() and B2_IP in nft.fqdn_elements(name="fqdnz")
+        other = state(egress_mode="default-deny", egress=[allow(FQDN_ID, "TCP", 80),
+                                                          allow(C_ID, "TCP", 443)],
+                      fqdn={B2_IP: (FQDN_ID, 1)})  # the agent's cache still has it
+        lab.apply(lab.a, dpc.compile_table(other))
+        assert _exchange(conn, b"three") == b"B:three", "another table that knows it: goes on"
+        with netns(lab.a):
             nft.delete_fqdn_elements([B2_IP])
-        assert _exchange(conn, b"three") == "timeout", "forgotten: cut"
+        assert _exchange(conn, b"four") == b"B:four", "stamped by this table: not looked up"
+        lab.apply(lab.a, dpc.compile_table(policy))
+        assert _exchange(conn, b"five") == "timeout", "forgotten, and another table: cut"
 
 
 def test_replacing_the_table_200_times_never_fails_an_allowed_connection(lab):
