@@ -30,7 +30,8 @@ def _result(v: L7Verdict | None, what: str) -> L7Result:
 
 class EngineOracle:
     """Decisions are cached per (direction, peer IP, protocol, port), compiled L7 checkers per
-    merged policy and HTTP results per (checker, request key); the caches are dropped when the
+    merged policy, HTTP results per (checker, request key) and DNS results per (server, name);
+    the caches are dropped when the
     engine is replaced (a policy or registry change) or when learning changes the FQDN cache's
     live (name, IP) pairs, and at least every REFRESH seconds of learning (an IP's identity
     depends on its names, which also expire)."""
@@ -59,6 +60,7 @@ class EngineOracle:
         self._decisions: dict[tuple, object] = {}
         self._checkers: dict[int, tuple[object, L7Checker]] = {}
         self._http: dict[tuple, L7Result] = {}  # (checker, its request key) -> result
+        self._dns: dict[tuple, L7Result] = {}  # (server IP, port, name) -> result
 
     def _checker(self, policy) -> L7Checker:
         found = self._checkers.get(id(policy))
@@ -98,6 +100,15 @@ class EngineOracle:
         return result
 
     def dns_verdict(self, server_ip: str, server_port: int, qname: str) -> L7Result:
+        key = (server_ip, server_port, qname)
+        result = self._dns.get(key)
+        if result is None:
+            if len(self._dns) > self.MAX_CACHED:
+                self._dns.clear()
+            result = self._dns[key] = self._dns_verdict(server_ip, server_port, qname)
+        return result
+
+    def _dns_verdict(self, server_ip: str, server_port: int, qname: str) -> L7Result:
         verdicts = []
         for proto in ("UDP", "TCP"):
             d = self._decision("egress", server_ip, proto, server_port)

@@ -465,8 +465,24 @@ def proxy_flow_count(event: dict) -> int:
     return 1 if event.get("code") is None else 2
 
 
+_POLICY_KEYS: dict[int, tuple[dict, tuple]] = {}  # id(policy dict) -> (the dict, its key)
+
+
+def _policy_key(p: dict) -> tuple:
+    """A policy dict as a hashable key, memoised per dict: the oracles cache their results, so
+    the same few dicts come back on every request (sorting them each time cost ~1 us)."""
+    found = _POLICY_KEYS.get(id(p))
+    if found is not None and found[0] is p:
+        return found[1]
+    if len(_POLICY_KEYS) >= 4096:
+        _POLICY_KEYS.clear()
+    key = tuple(sorted(p.items()))
+    _POLICY_KEYS[id(p)] = (p, key)
+    return key
+
+
 def _policies_key(policies) -> tuple:
-    return tuple(tuple(sorted(p.items())) for p in policies or ())
+    return tuple(map(_policy_key, policies)) if policies else ()
 
 
 def proxy_event_kind(event: dict) -> tuple:
