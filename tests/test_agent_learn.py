@@ -47,6 +47,7 @@ async def main():
         out["first"] = await learn("a.example", 30)        # a new identity: a whole new table
         out["second"] = await learn("a.example", 30)       # its elements: the cache's expiries
         out["again"] = await learn("a.example", 30)        # within what the kernel holds: no write
+        out["nothing_to_wait_for"] = agent._open_ips("a.example", ["192.0.2.7"], 30) is None
         out["longer"] = await learn("a.example", 60)       # beyond it: written again
         agent.apply()                                       # a new table: written again next time
         out["after_apply"] = await learn("a.example", 30)
@@ -66,5 +67,6 @@ def test_an_element_is_rewritten_only_when_the_kernel_would_expire_it_too_soon()
     assert out["first"]["batches"] == 0 and 29 <= out["first"]["expires"] <= 30, "in the new table"
     assert out["second"]["batches"] == 1 and 30 <= out["second"]["expires"] <= 30 + slack
     assert out["again"]["batches"] == 1, "the kernel's element already covers the new TTL"
+    assert out["nothing_to_wait_for"], "a busy name's answer does not wait on the datapath"
     assert out["longer"]["batches"] == 2 and 59 <= out["longer"]["expires"] <= 60 + slack
     assert out["after_apply"]["batches"] == 3

@@ -14,7 +14,9 @@ from proxy.policy.engine import Engine, L7Checker, L7Verdict
 from proxy.policy.httpmatch import HTTPRequest
 
 # Called with the learned (name, ips, ttl); resolves when the datapath holds them.
-OpenIPs = Callable[[str, list[str], int], Awaitable[None]]
+# open_ips(qname, ips, ttl): what to await until the datapath holds the IPs; None when it
+# already does (a busy name: no wait, no timer)
+OpenIPs = Callable[[str, list[str], int], "Awaitable[None] | None"]
 
 
 def _result(v: L7Verdict | None, what: str) -> L7Result:
@@ -129,10 +131,11 @@ class EngineOracle:
         if cache.generation != generation or now >= self._fresh_until:
             self.forget()
             self._fresh_until = now + self.REFRESH
-        if self.open_ips is None:
+        pending = self.open_ips(qname, ips, ttl) if self.open_ips is not None else None
+        if pending is None:
             return
         try:
             async with asyncio.timeout(self.max_delay):
-                await self.open_ips(qname, ips, ttl)
+                await pending
         except TimeoutError:
             pass  # like Cilium: release the answer anyway after the max delay

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from proxy.agent import control
@@ -141,8 +142,9 @@ class Agent:
                            | {ident for ident, _ in state.fqdn.values()})
         self._written = {}  # the new table's elements carry the cache's own expiries
 
-    async def _open_ips(self, qname: str, ips: list[str], ttl: int) -> None:
+    def _open_ips(self, qname: str, ips: list[str], ttl: int) -> Awaitable[None] | None:
         """A DNS answer was learned (already in the cache): open matching IPs before release.
+        Returns what to await for that, None when nothing is left to wait for.
 
         Usually the IPs' identity (world + prefixes + matching toFQDNs selectors) is already in
         the table, so adding the elements is enough; a new identity needs its policy entries,
@@ -162,16 +164,18 @@ class Agent:
                 continue  # an endpoint's address keeps the endpoint's identity
             if ident not in self._table_ids:
                 self.apply()
-                return
+                return None
             written = self._written.get(ip)
             if written is None or written[0] != ident or written[1] < now + ttl:
                 elements.append((ip, ident, ttl + FQDN_SLACK))
-        if elements:
-            await self._fqdn_elements.add(elements)
-            if len(self._written) > 65536:
-                self._written = {}  # bounded: forgetting only costs a rewrite
-            for ip, ident_id, timeout in elements:
-                self._written[ip] = (ident_id, now + timeout)
+        return self._write_fqdn_elements(elements, now) if elements else None
+
+    async def _write_fqdn_elements(self, elements: list[tuple[str, int, int]], now: float) -> None:
+        await self._fqdn_elements.add(elements)
+        if len(self._written) > 65536:
+            self._written = {}  # bounded: forgetting only costs a rewrite
+        for ip, ident_id, timeout in elements:
+            self._written[ip] = (ident_id, now + timeout)
 
     def _ip_identity(self, ip: str, now: float) -> int | None:
         """The identity of a learned address (None: an endpoint's), remembered for a second per
