@@ -298,3 +298,28 @@ def test_flow_record_fields():
     assert rec["target"] == "//v1/request-landing" and rec["verdict"] == "FORWARDED"
     assert rec["policies"] == ({"kind": "CiliumNetworkPolicy", "namespace": "default", "name": "rule1"},)
     assert rec["latency_ms"] >= 0
+
+
+def test_events_tell_the_observer_what_their_dicts_would():
+    """An HTTPEvent is read by the observer through its attributes, never built; they must be
+    what the observe functions read from its dict, for every flow of the whole corpus."""
+    from proxy.l7.http.server import HTTPEvent
+    from proxy.observe.flow import event_time_ns, http_latency_ns, proxy_event_kind, proxy_flow_count
+
+    seen = set()
+    for _, case in CASES:
+        _, commands, _ = run_case(case, bytewise=False)
+        for flow in (c for c in commands if isinstance(c, http.Flow)):
+            for direction in ("ingress", "egress"):
+                ev = HTTPEvent(flow, 1_700_000_000_123_456_789, direction, ("10.200.0.21", 40000),
+                               ("10.200.0.11", 80))
+                d = dict(ev)
+                assert ev.kind == proxy_event_kind(d), case["name"]
+                assert ev.flow_count == proxy_flow_count(d)
+                assert ev.latency_ns == http_latency_ns(d)
+                assert ev.time_ns == event_time_ns(d, None)
+                assert (ev.src_ip, ev.dst_ip) == (d["src_ip"], d["dst_ip"])
+                seen.add((d["verdict"], d["code"], d["protocol"]))
+    assert {v for v, _, _ in seen} == {"FORWARDED", "DROPPED"}
+    assert {c for _, c, _ in seen} >= {200, 403, 400, 502, 503, None}
+    assert {p for _, _, p in seen} >= {"HTTP/1.1", "HTTP/1.0", "HTTP/2"}

@@ -34,6 +34,7 @@ import time
 import uuid as _uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Mapping
 from typing import Callable, Iterable
 
 from proxy.observe.nflog import Packet
@@ -481,7 +482,7 @@ def _policy_key(p: dict) -> tuple:
     return key
 
 
-def _policies_key(policies) -> tuple:
+def policies_key(policies) -> tuple:
     return tuple(map(_policy_key, policies)) if policies else ()
 
 
@@ -491,13 +492,61 @@ def proxy_event_kind(event: dict) -> tuple:
     count). Events of one kind give flows that count in the same series."""
     if event.get("type") == "dns":
         return ("dns", event.get("verdict", ""), event.get("direction", "egress"),
-                _policies_key(event.get("policies")), str(event.get("protocol", "UDP")).upper(),
+                policies_key(event.get("policies")), str(event.get("protocol", "UDP")).upper(),
                 tuple(event.get("qtypes") or ()), len(event.get("ips") or ()),
                 int(event.get("rcode") or 0), tuple(event.get("rrtypes") or ()),
                 bool(event.get("qname")))
     return ("http", event.get("verdict"), event.get("code"), event.get("direction", ""),
-            _policies_key(event.get("policies")), event.get("method") or "",
+            policies_key(event.get("policies")), event.get("method") or "",
             event.get("protocol") or "")
+
+
+class ProxyEvent(Mapping):
+    """A proxy's event, kept without being built: the observer reads only `time_ns`, `src_ip`,
+    `dst_ip`, `kind` (`proxy_event_kind`), `flow_count` (`proxy_flow_count`) and
+    `latency_ns` (`http_latency_ns`); the event dict (what `proxy_flows` reads) is built the
+    first time anyone reads the event as a mapping. A proxy sends one of these or a plain dict
+    (`DictEvent` wraps it). Building a dict per request cost the HTTP proxy more than its own
+    work on the request once the ring's churn came into play."""
+    __slots__ = ("_dict",)
+    time_ns: int
+    src_ip: str
+    dst_ip: str
+    kind: tuple
+    flow_count: int
+    latency_ns: int
+
+    def build(self) -> dict:
+        raise NotImplementedError
+
+    def as_dict(self) -> dict:
+        d = self._dict
+        if d is None:
+            d = self._dict = self.build()
+        return d
+
+    def __getitem__(self, key: str):
+        return self.as_dict()[key]
+
+    def __iter__(self):
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:
+        return len(self.as_dict())
+
+
+class DictEvent(ProxyEvent):
+    """A proxy event given as a dict (the DNS proxy's, tests')."""
+    __slots__ = ("time_ns", "src_ip", "dst_ip", "kind", "flow_count", "latency_ns")
+
+    def __init__(self, event: dict) -> None:
+        self.time_ns = event_time_ns(event, None)
+        event.setdefault("time", self.time_ns)  # built later, the flows keep the event's time
+        self._dict = event
+        self.src_ip, self.dst_ip = event.get("src_ip", ""), event.get("dst_ip", "")
+        self.kind = proxy_event_kind(event)
+        self.flow_count = proxy_flow_count(event)
+        self.latency_ns = http_latency_ns(event)
 
 
 class ProxyEventFlows:
@@ -509,9 +558,9 @@ class ProxyEventFlows:
 
     __slots__ = ("event", "peers", "node_name", "_flows")
 
-    def __init__(self, event: dict, resolve: Resolver | None, node_name: str = "") -> None:
+    def __init__(self, event: ProxyEvent, resolve: Resolver | None, node_name: str = "") -> None:
         self.event = event
-        src, dst = _plain(event.get("src_ip", "")), _plain(event.get("dst_ip", ""))
+        src, dst = _plain(event.src_ip), _plain(event.dst_ip)
         self.peers = {src: _resolve(resolve, src), dst: _resolve(resolve, dst)}
         self.node_name = node_name
         self._flows: list[dict] | None = None
@@ -519,7 +568,7 @@ class ProxyEventFlows:
     def flows(self) -> list[dict]:
         flows = self._flows
         if flows is None:
-            flows = self._flows = proxy_flows(self.event, self.peers.get, self.node_name)
+            flows = self._flows = proxy_flows(self.event.as_dict(), self.peers.get, self.node_name)
         return flows
 
 

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from proxy.observe.flow import (EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT, EVENT_TRACE, MATCH_TYPES,
-                                RCODE_NAMES, ProxyEventFlows, http_latency_ns, protocol_of)
+                                RCODE_NAMES, ProxyEventFlows, protocol_of)
 from proxy.observe.format import deciding_policies
 
 DEFAULT_PORT = 9965  # hubble's metrics port
@@ -213,7 +213,7 @@ class Metrics:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
             plan = self._plans[kind] = [step for f in event.flows() for step in self._plan(f)]
-        _apply(plan, http_latency_ns(event.event) / 1e9)
+        _apply(plan, event.event.latency_ns / 1e9)
 
     def _plan(self, flow: dict) -> list[tuple[object, bool]]:
         """The series `flow` counts in: (child, timed); timed children observe the latency."""

@@ -16,8 +16,8 @@ import logging
 import time
 from typing import Callable
 
-from proxy.observe.flow import (EndpointInfo, Explainer, Explanation, ProxyEventFlows, Resolver,
-                                event_time_ns, kernel_flows, proxy_event_kind)
+from proxy.observe.flow import (DictEvent, EndpointInfo, Explainer, Explanation, ProxyEvent,
+                                ProxyEventFlows, Resolver, kernel_flows)
 from proxy.observe.metrics import Metrics, MetricsServer
 from proxy.observe.nflog import NflogListener, Packet
 from proxy.observe.ring import DEFAULT_SIZE, FlowRing
@@ -48,15 +48,15 @@ class Observer:
             if metrics is not None:
                 metrics.observe(f)
 
-    def on_proxy_event(self, event: dict) -> None:
+    def on_proxy_event(self, event: ProxyEvent | dict) -> None:
         """The HTTP and DNS proxies' `on_flow` callback: the flows are built when read."""
         try:
-            time_ns = event_time_ns(event, None)
-            event.setdefault("time", time_ns)  # built later, the flows keep the event's time
+            if not isinstance(event, ProxyEvent):
+                event = DictEvent(event)
             flows = ProxyEventFlows(event, self.resolve, self.node_name)
-            self.ring.append_event(flows, time_ns)
+            self.ring.append_event(flows, event.time_ns)
             if self.metrics is not None:
-                self.metrics.observe_event(proxy_event_kind(event), flows)
+                self.metrics.observe_event(event.kind, flows)
         except Exception:
             self.errors += 1
             log.exception("could not turn a proxy event into flows")

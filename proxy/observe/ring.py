@@ -13,7 +13,7 @@ import asyncio
 from collections import deque
 from typing import Callable, Iterator
 
-from proxy.observe.flow import ProxyEventFlows, parse_time, proxy_flow_count
+from proxy.observe.flow import ProxyEventFlows, parse_time
 
 Predicate = Callable[[dict], bool]
 DEFAULT_SIZE = 4096
@@ -127,7 +127,7 @@ class FlowRing:
             for flow in event.flows():
                 self.append(flow, time_ns)
             return self.seq
-        for i in range(proxy_flow_count(event.event)):
+        for i in range(event.event.flow_count):
             self.seq += 1
             self._items.append((self.seq, time_ns, _Unbuilt(event, i)))
         return self.seq

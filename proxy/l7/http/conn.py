@@ -809,23 +809,41 @@ class Flow:
         return self.entry.code
 
     @property
+    def method(self) -> str | None:
+        head = self.entry.head
+        return head.method if head is not None else None
+
+    @property
+    def protocol(self) -> str:
+        head = self.entry.head
+        if head is not None:
+            return f"HTTP/{head.version}"
+        return "HTTP/2" if self.entry.code is None else "HTTP/1.1"
+
+    @property
+    def policies(self) -> tuple:
+        r = self.entry.result
+        return r.policies if r is not None else ()
+
+    @property
+    def latency_ms(self) -> float:
+        e = self.entry
+        return round((e.t1 - e.t0) * 1000, 3)
+
+    @property
     def record(self) -> dict:
         """method, url, host, path, protocol, verdict, code, latency_ms, reason, policies
         (and target: the request-target as sent, when it was normalised)."""
         e = self.entry
         head = e.head
-        rec = {"method": None, "url": None, "host": None, "path": None, "protocol": "HTTP/1.1",
-               "verdict": self.verdict, "code": e.code,
-               "latency_ms": round((e.t1 - e.t0) * 1000, 3), "reason": e.reason,
-               "policies": e.result.policies if e.result is not None else ()}
+        rec = {"method": self.method, "url": None, "host": None, "path": None,
+               "protocol": self.protocol, "verdict": self.verdict, "code": e.code,
+               "latency_ms": self.latency_ms, "reason": e.reason, "policies": self.policies}
         if head is None:
-            if e.code is None:
-                rec["protocol"] = "HTTP/2"
             return rec
         request = head.request
         host = request.host if request.host is not None else self.authority
-        rec.update(method=head.method, host=request.host, path=request.path,
-                   protocol=f"HTTP/{head.version}",
+        rec.update(host=request.host, path=request.path,
                    url=f"http://{host}{request.path}" if request.path is not None else head.target)
         if head.new_target is not None:
             rec["target"] = head.target

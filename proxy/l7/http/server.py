@@ -47,6 +47,7 @@ from proxy.l7.http.conn import (
     Tunnel,
 )
 from proxy.l7.oracle import PolicyOracle
+from proxy.observe.flow import ProxyEvent, policies_key
 from proxy.policy.ipaddr import is_loopback
 
 __all__ = ["Server", "serve", "serve_forever"]
@@ -178,15 +179,52 @@ class Server:
             st["errors"] += 1
         if self.on_flow is None:
             return
-        record = flow.record
-        record["time"] = time.time()
-        record["direction"] = conn.direction
-        record["src_ip"], record["src_port"] = conn.src
-        record["dst_ip"], record["dst_port"] = conn.dst
         try:
-            self.on_flow(record)
+            self.on_flow(HTTPEvent(flow, time.time_ns(), conn.direction, conn.src, conn.dst))
         except Exception:  # an observer must not break the proxy
             log.exception("on_flow callback failed")
+
+
+class HTTPEvent(ProxyEvent):
+    """One request's event for `on_flow`, read as a dict: `conn.Flow.record` plus time (ns),
+    direction, src_ip/src_port (the client), dst_ip/dst_port (the original destination);
+    built only if someone reads it (the observer's hot path reads the attributes)."""
+    __slots__ = ("flow", "time_ns", "direction", "src", "dst")
+
+    def __init__(self, flow: Flow, time_ns: int, direction: str, src: tuple[str, int],
+                 dst: tuple[str, int]) -> None:
+        self._dict = None
+        self.flow, self.time_ns, self.direction, self.src, self.dst = flow, time_ns, direction, src, dst
+
+    @property
+    def src_ip(self) -> str:
+        return self.src[0]
+
+    @property
+    def dst_ip(self) -> str:
+        return self.dst[0]
+
+    @property
+    def kind(self) -> tuple:  # = proxy_event_kind(the dict), without building it
+        f = self.flow
+        return ("http", f.verdict, f.code, self.direction, policies_key(f.policies),
+                f.method or "", f.protocol)
+
+    @property
+    def flow_count(self) -> int:  # = proxy_flow_count(the dict)
+        return 1 if self.flow.code is None else 2
+
+    @property
+    def latency_ns(self) -> int:  # = http_latency_ns(the dict)
+        return max(0, int(round(self.flow.latency_ms * 1_000_000)))
+
+    def build(self) -> dict:
+        record = self.flow.record
+        record["time"] = self.time_ns
+        record["direction"] = self.direction
+        record["src_ip"], record["src_port"] = self.src
+        record["dst_ip"], record["dst_port"] = self.dst
+        return record
 
 
 class _Upstream(asyncio.Protocol):
@@ -503,8 +541,9 @@ async def serve(oracle: PolicyOracle, local_ips: Iterable[str] = (),
     host: one address or several; None (default) is 0.0.0.0 plus :: when IPv6 is there:
     loopback takes the egress redirects, the interface addresses the ingress ones. Port 0
     picks a free port (see `Server.port`).
-    on_flow: called with one dict per request (see `conn.Flow.record`, plus time, direction,
-    src_ip/src_port = the client, dst_ip/dst_port = the original destination).
+    on_flow: called with one `HTTPEvent` per request, a read-only mapping (see
+    `conn.Flow.record`, plus time in ns, direction, src_ip/src_port = the client, dst_ip/dst_port
+    = the original destination).
     original_dst: replaces SO_ORIGINAL_DST (for tests without nftables); mark=None leaves
     upstream sockets unmarked (likewise). idle_timeout: seconds without a byte either way
     before a connection is dropped (None: never).
