@@ -512,3 +512,36 @@ def test_chain_malformed_query_is_formerr_and_counted():
     assert wire.parse(reply).header.rcode == FORMERR
     assert server.stats["malformed"] == 1 and flows[0]["verdict"] == "DROPPED"
     assert asyncio.run(server.answer(b"\x12\x34", CLIENT, KUBE_DNS, scripted_upstream())) is None
+
+
+def test_events_tell_the_observer_what_their_dicts_would():
+    """A DNSEvent is read by the observer through its attributes, never built; they must be what
+    the observe functions read from its dict, whatever happened to the query."""
+    from proxy.observe.flow import event_time_ns, http_latency_ns, proxy_event_kind, proxy_flow_count
+
+    async def silent(query, server):
+        raise TimeoutError
+
+    async def refused(query, server):
+        raise UpstreamFailed("connection refused")
+
+    events = []
+    allow_github = Server(make_oracle(["tests/data/agent/dns-rules-github.yaml"]), on_flow=events.append)
+    for name in ("www.github.com", "api.github.com", "nx.github.com", "cilium.io"):  # CNAME, A, NX, denied
+        run_answer(allow_github, name)
+        run_answer(allow_github, name, dest=Destination(KUBE_DNS.ip, 53, "TCP"), qtype="AAAA")
+    for exchange in (silent, refused):
+        run_answer(allow_github, "api.github.com", exchange=exchange)
+    asyncio.run(allow_github.answer(b"\x12\x34garbage", CLIENT, KUBE_DNS, scripted_upstream()))
+    seen = set()
+    for ev in events:
+        d = dict(ev)
+        assert ev.kind == proxy_event_kind(d), d
+        assert ev.flow_count == proxy_flow_count(d)
+        assert ev.http_latency_ns == http_latency_ns(d)
+        assert ev.time_ns == event_time_ns(d, None)
+        assert (ev.src_ip, ev.dst_ip) == (d["src_ip"], d["dst_ip"])
+        seen.add((d["verdict"], d["rcode"], bool(d["ips"]), bool(d["cnames"]), d["protocol"]))
+    assert {v for v, *_ in seen} == {"FORWARDED", "DROPPED", "ERROR"}
+    assert {r for _, r, *_ in seen} >= {0, 3, 5, 2, None}  # NOERROR NXDOMAIN REFUSED SERVFAIL, none
+    assert (True, True) in {(i, c) for _, _, i, c, _ in seen} and {p for *_, p in seen} == {"UDP", "TCP"}

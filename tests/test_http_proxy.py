@@ -316,7 +316,7 @@ def test_events_tell_the_observer_what_their_dicts_would():
                 d = dict(ev)
                 assert ev.kind == proxy_event_kind(d), case["name"]
                 assert ev.flow_count == proxy_flow_count(d)
-                assert ev.latency_ns == http_latency_ns(d)
+                assert ev.http_latency_ns == http_latency_ns(d)
                 assert ev.time_ns == event_time_ns(d, None)
                 assert (ev.src_ip, ev.dst_ip) == (d["src_ip"], d["dst_ip"])
                 seen.add((d["verdict"], d["code"], d["protocol"]))

@@ -504,7 +504,7 @@ def proxy_event_kind(event: dict) -> tuple:
 class ProxyEvent(Mapping):
     """A proxy's event, kept without being built: the observer reads only `time_ns`, `src_ip`,
     `dst_ip`, `kind` (`proxy_event_kind`), `flow_count` (`proxy_flow_count`) and
-    `latency_ns` (`http_latency_ns`); the event dict (what `proxy_flows` reads) is built the
+    `http_latency_ns`; the event dict (what `proxy_flows` reads) is built the
     first time anyone reads the event as a mapping. A proxy sends one of these or a plain dict
     (`DictEvent` wraps it). Building a dict per request cost the HTTP proxy more than its own
     work on the request once the ring's churn came into play."""
@@ -514,7 +514,7 @@ class ProxyEvent(Mapping):
     dst_ip: str
     kind: tuple
     flow_count: int
-    latency_ns: int
+    http_latency_ns: int
 
     def build(self) -> dict:
         raise NotImplementedError
@@ -537,7 +537,7 @@ class ProxyEvent(Mapping):
 
 class DictEvent(ProxyEvent):
     """A proxy event given as a dict (the DNS proxy's, tests')."""
-    __slots__ = ("time_ns", "src_ip", "dst_ip", "kind", "flow_count", "latency_ns")
+    __slots__ = ("time_ns", "src_ip", "dst_ip", "kind", "flow_count", "http_latency_ns")
 
     def __init__(self, event: dict) -> None:
         self.time_ns = event_time_ns(event, None)
@@ -546,7 +546,7 @@ class DictEvent(ProxyEvent):
         self.src_ip, self.dst_ip = event.get("src_ip", ""), event.get("dst_ip", "")
         self.kind = proxy_event_kind(event)
         self.flow_count = proxy_flow_count(event)
-        self.latency_ns = http_latency_ns(event)
+        self.http_latency_ns = http_latency_ns(event)
 
 
 class ProxyEventFlows:

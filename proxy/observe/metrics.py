@@ -213,7 +213,7 @@ class Metrics:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
             plan = self._plans[kind] = [step for f in event.flows() for step in self._plan(f)]
-        _apply(plan, event.event.latency_ns / 1e9)
+        _apply(plan, event.event.http_latency_ns / 1e9)
 
     def _plan(self, flow: dict) -> list[tuple[object, bool]]:
         """The series `flow` counts in: (child, timed); timed children observe the latency."""

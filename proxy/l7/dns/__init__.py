@@ -22,11 +22,11 @@ What it never does
   Never forwards a query it could not parse or that policy denies; never relays an upstream
   message that does not answer an outstanding query; never rewrites TTLs or records; never
   releases an answer before `learn` returned; never crashes on input (every path ends in a reply,
-  silence or a counted error); never decides policy itself (the oracle does). IPv4 interception
-  only (the datapath's TPROXY rule is `tproxy ip`).
+  silence or a counted error); never decides policy itself (the oracle does).
 
 Flows
-  `on_flow(dict)` once per query: type "dns", time, direction "egress", protocol UDP|TCP,
+  `on_flow(event)` once per query, a `DNSEvent` (a read-only mapping, built only when read):
+  type "dns", time (ns), direction "egress", protocol UDP|TCP,
   src_ip/src_port (the workload), dst_ip/dst_port (the server it asked), id, qname, qtypes,
   verdict FORWARDED (relayed) | DROPPED (denied or malformed) | ERROR (SERVFAIL or timeout),
   rcode (None when nothing was sent), rcode_name, ips, ttl, cnames, rrtypes, policies (the

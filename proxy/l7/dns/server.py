@@ -36,6 +36,7 @@ from proxy.l7.dns.chain import (REFUSED, SERVFAIL, Destination, DNSProtocolError
                                 Outstanding, Query, Response, TCPFramer, check_policy, error_reply,
                                 learn, parse_query, refusal, release)
 from proxy.l7.oracle import L7Result, PolicyOracle
+from proxy.observe.flow import ProxyEvent, policies_key
 from proxy.policy.ipaddr import is_loopback
 
 log = logging.getLogger("l7gate.dns")
@@ -47,7 +48,7 @@ IPV6_TRANSPARENT = 75
 SO_MARK = getattr(socket, "SO_MARK", 36)
 MAX_INFLIGHT_PER_TCP = 64
 
-FlowCallback = Callable[[dict], None]
+FlowCallback = Callable[["DNSEvent"], None]
 Exchange = Callable[[Query, Destination], Awaitable[Response]]  # TimeoutError after upstream_timeout
 
 
@@ -280,22 +281,9 @@ class Server:
               result: L7Result | None = None, reason: str = "") -> None:
         if self.on_flow is None:
             return
-        learned = learned or Learned()
-        event = {
-            "type": "dns", "time": time.time(), "direction": "egress", "protocol": server.proto,
-            "src_ip": client[0], "src_port": client[1], "dst_ip": server.ip, "dst_port": server.port,
-            "id": query.id if query else None,
-            "qname": query.qname if query else "",
-            "qtypes": [query.qtype_name] if query else [],
-            "verdict": verdict, "rcode": rcode,
-            "rcode_name": wire.rcode_name(rcode) if rcode is not None else "",
-            "ips": list(learned.ips), "ttl": learned.ttl, "cnames": list(learned.cnames),
-            "rrtypes": list(learned.rrtypes),
-            "policies": list(result.policies) if result else [],
-            "reason": reason, "latency_ns": time.monotonic_ns() - started,
-        }
         try:
-            self.on_flow(event)
+            self.on_flow(DNSEvent(time.time_ns(), time.monotonic_ns() - started, client, server,
+                                  query, verdict, rcode, learned or _NOTHING_LEARNED, result, reason))
         except Exception:
             log.exception("on_flow callback failed")
 
@@ -375,6 +363,55 @@ class Server:
             s.close()
             raise
         return s
+
+
+_NOTHING_LEARNED = Learned()
+
+
+class DNSEvent(ProxyEvent):
+    """One query's event for `on_flow`, read as a dict (type dns, time in ns, direction, protocol,
+    src/dst, id, qname, qtypes, verdict, rcode, rcode_name, ips, ttl, cnames, rrtypes,
+    policies, reason, latency_ns); built only if someone reads it."""
+    __slots__ = ("time_ns", "took_ns", "client", "server", "query", "verdict", "rcode", "learned",
+                 "result", "reason")
+
+    def __init__(self, time_ns: int, took_ns: int, client: tuple[str, int], server: Destination,
+                 query: Query | None, verdict: str, rcode: int | None, learned: Learned,
+                 result: L7Result | None, reason: str) -> None:
+        self._dict = None
+        self.time_ns, self.took_ns, self.client, self.server = time_ns, took_ns, client, server
+        self.query, self.verdict, self.rcode, self.learned = query, verdict, rcode, learned
+        self.result, self.reason = result, reason
+
+    src_ip = property(lambda self: self.client[0])
+    dst_ip = property(lambda self: self.server.ip)
+    http_latency_ns = 0  # = http_latency_ns(the dict): DNS has no HTTP latency
+
+    @property
+    def kind(self) -> tuple:  # = proxy_event_kind(the dict), without building it
+        q, learned = self.query, self.learned
+        return ("dns", self.verdict, "egress",
+                policies_key(self.result.policies if self.result else ()), self.server.proto.upper(),
+                (q.qtype_name,) if q else (), len(learned.ips), int(self.rcode or 0),
+                tuple(learned.rrtypes), bool(q.qname) if q else False)
+
+    @property
+    def flow_count(self) -> int:  # = proxy_flow_count(the dict)
+        return 2 if self.verdict == "FORWARDED" else 1
+
+    def build(self) -> dict:
+        q, learned, server, rcode = self.query, self.learned, self.server, self.rcode
+        return {
+            "type": "dns", "time": self.time_ns, "direction": "egress", "protocol": server.proto,
+            "src_ip": self.client[0], "src_port": self.client[1], "dst_ip": server.ip,
+            "dst_port": server.port, "id": q.id if q else None, "qname": q.qname if q else "",
+            "qtypes": [q.qtype_name] if q else [], "verdict": self.verdict, "rcode": rcode,
+            "rcode_name": wire.rcode_name(rcode) if rcode is not None else "",
+            "ips": list(learned.ips), "ttl": learned.ttl, "cnames": list(learned.cnames),
+            "rrtypes": list(learned.rrtypes),
+            "policies": list(self.result.policies) if self.result else [],
+            "reason": self.reason, "latency_ns": self.took_ns,
+        }
 
 
 class _UDPUpstream:
@@ -614,7 +651,7 @@ async def serve(oracle: PolicyOracle, host: str = "127.0.0.1", port: int = DNS_P
     reject_rcode: REFUSED (default) or NXDOMAIN (`--tofqdns-dns-reject-response-code=nameError`).
     upstream_timeout: seconds to wait for the server (Cilium: 10 s); then the client gets nothing.
     mark: SO_MARK of every socket the proxy opens (None: leave unmarked, e.g. without NET_ADMIN).
-    on_flow: called with one dict per query (see the package docstring)."""
+    on_flow: called with one `DNSEvent` per query (see the package docstring)."""
     server = Server(oracle, on_flow=on_flow, reject_rcode=reject_rcode,
                     upstream_timeout=upstream_timeout, mark=mark, tcp_idle_timeout=tcp_idle_timeout)
     await server.start(host, port, host6)

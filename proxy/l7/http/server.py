@@ -215,7 +215,7 @@ class HTTPEvent(ProxyEvent):
         return 1 if self.flow.code is None else 2
 
     @property
-    def latency_ns(self) -> int:  # = http_latency_ns(the dict)
+    def http_latency_ns(self) -> int:  # = http_latency_ns(the dict)
         return max(0, int(round(self.flow.latency_ms * 1_000_000)))
 
     def build(self) -> dict:
