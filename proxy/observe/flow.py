@@ -466,7 +466,7 @@ def proxy_flow_count(event: dict) -> int:
     return 1 if event.get("code") is None else 2
 
 
-_POLICY_KEYS: dict[int, tuple[dict, tuple]] = {}  # id(policy dict) -> (the dict, its key)
+_POLICY_KEYS: dict[int, tuple] = {}  # id(policy dict or tuple of them) -> (it, its key)
 
 
 def _policy_key(p: dict) -> tuple:
@@ -483,7 +483,16 @@ def _policy_key(p: dict) -> tuple:
 
 
 def policies_key(policies) -> tuple:
-    return tuple(map(_policy_key, policies)) if policies else ()
+    if not policies:
+        return ()
+    if type(policies) is tuple:  # an oracle's cached result: the same tuple every time
+        found = _POLICY_KEYS.get(id(policies))
+        if found is not None and found[0] is policies:
+            return found[1]
+        key = tuple(map(_policy_key, policies))
+        _POLICY_KEYS[id(policies)] = (policies, key)
+        return key
+    return tuple(map(_policy_key, policies))
 
 
 def proxy_event_kind(event: dict) -> tuple:
