@@ -827,8 +827,9 @@ class Flow:
 
     @property
     def latency_ms(self) -> float:
+        """Milliseconds to the microsecond (an integer count of us: round(x, 3) costs ~0.4 us)."""
         e = self.entry
-        return round((e.t1 - e.t0) * 1000, 3)
+        return round((e.t1 - e.t0) * 1_000_000) / 1000
 
     @property
     def record(self) -> dict:
