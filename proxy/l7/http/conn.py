@@ -792,62 +792,45 @@ class _Pending:
 
 
 class Flow:
-    """One request done (answered, refused or tunnelled). `record` is built only when read."""
-    __slots__ = ("entry", "authority")
+    """One request done (answered, refused or tunnelled): what its flow says, copied out of the
+    request's objects so that those die with the request (the observer keeps flows a while);
+    `record` is built only when read."""
+    __slots__ = ("verdict", "code", "method", "protocol", "policies", "latency_ms", "reason",
+                 "host", "path", "target", "normalised", "authority")
 
     def __init__(self, entry: _Pending, authority: str) -> None:
-        self.entry = entry
+        r = entry.result
+        head = entry.head
+        self.verdict = "FORWARDED" if r is not None and r.allowed else "DROPPED"
+        self.code = entry.code
+        self.policies = r.policies if r is not None else ()
+        # milliseconds to the microsecond (an integer count of us: round(x, 3) costs ~0.4 us)
+        self.latency_ms = round((entry.t1 - entry.t0) * 1_000_000) / 1000
+        self.reason = entry.reason
         self.authority = authority
-
-    @property
-    def verdict(self) -> str:
-        r = self.entry.result
-        return "FORWARDED" if r is not None and r.allowed else "DROPPED"
-
-    @property
-    def code(self) -> int | None:
-        return self.entry.code
-
-    @property
-    def method(self) -> str | None:
-        head = self.entry.head
-        return head.method if head is not None else None
-
-    @property
-    def protocol(self) -> str:
-        head = self.entry.head
-        if head is not None:
-            return f"HTTP/{head.version}"
-        return "HTTP/2" if self.entry.code is None else "HTTP/1.1"
-
-    @property
-    def policies(self) -> tuple:
-        r = self.entry.result
-        return r.policies if r is not None else ()
-
-    @property
-    def latency_ms(self) -> float:
-        """Milliseconds to the microsecond (an integer count of us: round(x, 3) costs ~0.4 us)."""
-        e = self.entry
-        return round((e.t1 - e.t0) * 1_000_000) / 1000
+        if head is None:
+            self.method = self.host = self.path = self.target = None
+            self.protocol = "HTTP/2" if entry.code is None else "HTTP/1.1"
+            self.normalised = False
+        else:
+            request = head.request
+            self.method, self.protocol = head.method, f"HTTP/{head.version}"
+            self.host, self.path, self.target = request.host, request.path, head.target
+            self.normalised = head.new_target is not None
 
     @property
     def record(self) -> dict:
         """method, url, host, path, protocol, verdict, code, latency_ms, reason, policies
         (and target: the request-target as sent, when it was normalised)."""
-        e = self.entry
-        head = e.head
-        rec = {"method": self.method, "url": None, "host": None, "path": None,
-               "protocol": self.protocol, "verdict": self.verdict, "code": e.code,
-               "latency_ms": self.latency_ms, "reason": e.reason, "policies": self.policies}
-        if head is None:
+        rec = {"method": self.method, "url": None, "host": self.host, "path": self.path,
+               "protocol": self.protocol, "verdict": self.verdict, "code": self.code,
+               "latency_ms": self.latency_ms, "reason": self.reason, "policies": self.policies}
+        if self.target is None:
             return rec
-        request = head.request
-        host = request.host if request.host is not None else self.authority
-        rec.update(host=request.host, path=request.path,
-                   url=f"http://{host}{request.path}" if request.path is not None else head.target)
-        if head.new_target is not None:
-            rec["target"] = head.target
+        host = self.host if self.host is not None else self.authority
+        rec["url"] = f"http://{host}{self.path}" if self.path is not None else self.target
+        if self.normalised:
+            rec["target"] = self.target
         return rec
 
     def __repr__(self) -> str:
