@@ -84,17 +84,10 @@ class Follower:
         self.close()
 
 
-class _Unbuilt:
-    """Flow number `index` of a proxy event whose flows are not built yet."""
-    __slots__ = ("event", "index")
-
-    def __init__(self, event: ProxyEventFlows, index: int) -> None:
-        self.event = event
-        self.index = index
-
-
-def _built(item: dict | _Unbuilt) -> dict:
-    return item.event.flows()[item.index] if type(item) is _Unbuilt else item
+def _built(item: dict | ProxyEventFlows, index: int) -> dict:
+    """A ring item as a flow: a flow dict (index -1), or flow number `index` of a proxy event
+    whose flows are built the first time one of them is read."""
+    return item if index < 0 else item.flows()[index]
 
 
 class FlowRing:
@@ -102,7 +95,8 @@ class FlowRing:
         if size < 1:
             raise ValueError("ring size must be at least 1")
         self.size = size
-        self._items: deque[tuple[int, int, dict | _Unbuilt]] = deque(maxlen=size)  # (seq, time_ns, flow)
+        # (seq, time_ns, flow dict or proxy event, -1 or the flow's index in the event's flows)
+        self._items: deque[tuple[int, int, dict | ProxyEventFlows, int]] = deque(maxlen=size)
         self._followers: set[Follower] = set()
         self.seq = 0  # flows ever appended
 
@@ -114,7 +108,7 @@ class FlowRing:
                 time_ns = parse_time(flow.get("time", ""))
             except ValueError:
                 time_ns = 0
-        self._items.append((self.seq, time_ns, flow))
+        self._items.append((self.seq, time_ns, flow, -1))
         for f in list(self._followers):
             f._push(self.seq, flow)
         return self.seq
@@ -127,23 +121,24 @@ class FlowRing:
             for flow in event.flows():
                 self.append(flow, time_ns)
             return self.seq
+        items = self._items
         for i in range(event.event.flow_count):
             self.seq += 1
-            self._items.append((self.seq, time_ns, _Unbuilt(event, i)))
+            items.append((self.seq, time_ns, event, i))
         return self.seq
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __iter__(self) -> Iterator[dict]:
-        return (_built(flow) for _, _, flow in list(self._items))
+        return (_built(item, i) for _, _, item, i in list(self._items))
 
     def snapshot(self, predicate: Predicate | None = None, since_ns: int | None = None,
                  last: int | None = None, upto_seq: int | None = None) -> list[tuple[int, dict]]:
         """(seq, flow) in arrival order: matching `predicate`, at or after `since_ns`, appended
         up to `upto_seq`, then only the last `last` of those."""
         out = [(seq, flow) for seq, t, flow in
-               ((seq, t, _built(item)) for seq, t, item in list(self._items)
+               ((seq, t, _built(item, i)) for seq, t, item, i in list(self._items)
                 if (since_ns is None or t >= since_ns) and (upto_seq is None or seq <= upto_seq))
                if predicate is None or predicate(flow)]
         if last is not None:
