@@ -401,6 +401,8 @@ class RequestReader(_Reader):
         try:
             st = self._state
             if st == self.HEAD:
+                if self._pos >= len(self._buf):
+                    return NEED_DATA
                 return self._next_head()
             if st == self.LENGTH:
                 return self._next_length()
