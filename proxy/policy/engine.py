@@ -226,7 +226,10 @@ class L7Checker:
     def request_key(self, request: httpmatch.HTTPRequest) -> tuple:
         """What of an HTTP request the verdict depends on: requests with equal keys get equal
         verdicts (method, path, authority and the headers some rule names)."""
-        return (request.method, request.path, request.header(":authority"),
+        authority = request.host if request.host is not None else request.header(":authority")
+        if not self.header_names:
+            return (request.method, request.path, authority)
+        return (request.method, request.path, authority,
                 *(request.header(n) for n in self.header_names))
 
     def verdict(self, request) -> L7Verdict:
