@@ -76,9 +76,11 @@ def _regex(pattern: str):
 
 # --- requests -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class HTTPRequest:
-    """What the matcher sees of a request. `path` is the normalised target, query included."""
+    """What the matcher sees of a request. `path` is the normalised target, query included.
+    Treat it as read-only (`dataclasses.replace` makes a changed copy): not frozen, because a
+    frozen dataclass costs ~0.4 us more to build, on every request the proxy reads."""
     method: str
     path: str
     host: str | None = None  # Host / :authority as sent, port included; None when absent
