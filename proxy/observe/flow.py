@@ -32,9 +32,9 @@ from __future__ import annotations
 import itertools
 import time
 import uuid as _uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from collections.abc import Mapping
 from typing import Callable, Iterable
 
 from proxy.observe.nflog import Packet
@@ -466,32 +466,32 @@ def proxy_flow_count(event: dict) -> int:
     return 1 if event.get("code") is None else 2
 
 
-_POLICY_KEYS: dict[int, tuple] = {}  # id(policy dict or tuple of them) -> (it, its key)
+_POLICY_KEYS: dict[int, tuple] = {}  # id(policy dict, or tuple of them) -> (it, its key)
 
 
-def _policy_key(p: dict) -> tuple:
-    """A policy dict as a hashable key, memoised per dict: the oracles cache their results, so
-    the same few dicts come back on every request (sorting them each time cost ~1 us)."""
-    found = _POLICY_KEYS.get(id(p))
-    if found is not None and found[0] is p:
+def _memoised(obj, make: Callable[[object], tuple]) -> tuple:
+    """make(obj), remembered per object: the oracles cache their results, so the same few
+    policy dicts and tuples come back on every request (sorting them each time cost ~1 us)."""
+    found = _POLICY_KEYS.get(id(obj))
+    if found is not None and found[0] is obj:
         return found[1]
     if len(_POLICY_KEYS) >= 4096:
         _POLICY_KEYS.clear()
-    key = tuple(sorted(p.items()))
-    _POLICY_KEYS[id(p)] = (p, key)
+    key = make(obj)
+    _POLICY_KEYS[id(obj)] = (obj, key)
     return key
 
 
+def _policy_key(p: dict) -> tuple:
+    return _memoised(p, lambda d: tuple(sorted(d.items())))
+
+
 def policies_key(policies) -> tuple:
+    """The deciding policies (dicts) as a hashable key."""
     if not policies:
         return ()
     if type(policies) is tuple:  # an oracle's cached result: the same tuple every time
-        found = _POLICY_KEYS.get(id(policies))
-        if found is not None and found[0] is policies:
-            return found[1]
-        key = tuple(map(_policy_key, policies))
-        _POLICY_KEYS[id(policies)] = (policies, key)
-        return key
+        return _memoised(policies, lambda ps: tuple(map(_policy_key, ps)))
     return tuple(map(_policy_key, policies))
 
 
@@ -513,10 +513,10 @@ def proxy_event_kind(event: dict) -> tuple:
 class ProxyEvent(Mapping):
     """A proxy's event, kept without being built: the observer reads only `time_ns`, `src_ip`,
     `dst_ip`, `kind` (`proxy_event_kind`), `flow_count` (`proxy_flow_count`) and
-    `http_latency_ns`; the event dict (what `proxy_flows` reads) is built the
-    first time anyone reads the event as a mapping. A proxy sends one of these or a plain dict
-    (`DictEvent` wraps it). Building a dict per request cost the HTTP proxy more than its own
-    work on the request once the ring's churn came into play."""
+    `http_latency_ns`; the event dict (what `proxy_flows` reads) is built the first time anyone
+    reads the event as a mapping. A proxy sends one of these or a plain dict (`DictEvent` wraps
+    it). A dict per request cost the HTTP proxy more than its own work on the request, once
+    the ring held thousands of them."""
     __slots__ = ("_dict",)
     time_ns: int
     src_ip: str
