@@ -13,9 +13,8 @@ from proxy.l7.oracle import L7Result
 from proxy.policy.engine import Engine, L7Checker, L7Verdict
 from proxy.policy.httpmatch import HTTPRequest
 
-# Called with the learned (name, ips, ttl); resolves when the datapath holds them.
-# open_ips(qname, ips, ttl): what to await until the datapath holds the IPs; None when it
-# already does (a busy name: no wait, no timer)
+# open_ips(qname, ips, ttl) with what was learned: what to await until the datapath holds the
+# IPs; None when it already does (a busy name: no wait, no timer)
 OpenIPs = Callable[[str, list[str], int], "Awaitable[None] | None"]
 
 
@@ -33,10 +32,9 @@ def _result(v: L7Verdict | None, what: str) -> L7Result:
 class EngineOracle:
     """Decisions are cached per (direction, peer IP, protocol, port), compiled L7 checkers per
     merged policy, HTTP results per (checker, request key) and DNS results per (server, name);
-    the caches are dropped when the
-    engine is replaced (a policy or registry change) or when learning changes the FQDN cache's
-    live (name, IP) pairs, and at least every REFRESH seconds of learning (an IP's identity
-    depends on its names, which also expire)."""
+    the caches are dropped when the engine is replaced (a policy or registry change) or when
+    learning changes the FQDN cache's live (name, IP) pairs, and at least every REFRESH seconds
+    of learning (an IP's identity depends on its names, which also expire)."""
 
     MAX_CACHED = 65536  # entries per cache: many peers or paths must not grow memory
     REFRESH = 1.0  # seconds: learning forgets the caches at least this often
