@@ -157,12 +157,19 @@ class _Collector:
         return [f.collect() for f in self.families]
 
 
-def _apply(plan: list, latency_s: float) -> None:
-    for cell, timed in plan:
-        if timed:
-            cell.observe(latency_s)
-        else:
-            cell.value += 1
+Plan = tuple[tuple[_Count, ...], tuple[_Buckets, ...]]  # the series one flow (or event) counts in
+
+
+def _split(steps: list[tuple[object, bool]]) -> Plan:
+    return (tuple(c for c, timed in steps if not timed), tuple(c for c, timed in steps if timed))
+
+
+def _apply(plan: Plan, latency_s: float) -> None:
+    counts, timed = plan
+    for cell in counts:
+        cell.value += 1
+    for cell in timed:
+        cell.observe(latency_s)
 
 
 class Metrics:
@@ -195,14 +202,14 @@ class Metrics:
             self.flows, self.drops, self.policy, self.by_policy, self.dns_queries,
             self.dns_responses, self.dns_types, self.http_requests, self.http_responses,
             self.http_duration, self.lost]))
-        self._plans: dict[tuple, list] = {}  # proxy event kind -> the series its flows count in
+        self._plans: dict[tuple, Plan] = {}  # proxy event kind -> the series its flows count in
 
     def observe_all(self, flows: Iterable[dict]) -> None:
         for f in flows:
             self.observe(f)
 
     def observe(self, flow: dict) -> None:
-        _apply(self._plan(flow), _latency_s(flow))
+        _apply(_split(self._plan(flow)), _latency_s(flow))
 
     def observe_event(self, kind: tuple, event: ProxyEventFlows) -> None:
         """Count a proxy event's flows without building them: the series a flow counts in depend
@@ -212,7 +219,7 @@ class Metrics:
         if plan is None:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[kind] = [step for f in event.flows() for step in self._plan(f)]
+            plan = self._plans[kind] = _split([step for f in event.flows() for step in self._plan(f)])
         _apply(plan, event.event.http_latency_ns / 1e9)
 
     def _plan(self, flow: dict) -> list[tuple[object, bool]]:
