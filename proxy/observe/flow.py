@@ -462,8 +462,16 @@ def proxy_flow_count(event: dict) -> int:
     """How many flows `proxy_flows(event)` builds: the request, and its response when there is
     one (HTTP: an answer code; DNS: a relayed query)."""
     if event.get("type") == "dns":
-        return 2 if event.get("verdict", "") == "FORWARDED" else 1
-    return 1 if event.get("code") is None else 2
+        return dns_flow_count(event.get("verdict", ""))
+    return http_flow_count(event.get("code"))
+
+
+def http_flow_count(code: int | None) -> int:
+    return 1 if code is None else 2
+
+
+def dns_flow_count(verdict: str) -> int:
+    return 2 if verdict == "FORWARDED" else 1
 
 
 _POLICY_KEYS: dict[int, tuple] = {}  # id(policy dict, or tuple of them) -> (it, its key)
@@ -500,14 +508,25 @@ def proxy_event_kind(event: dict) -> tuple:
     from those flows except the HTTP latency (addresses, ports, names, URLs and times do not
     count). Events of one kind give flows that count in the same series."""
     if event.get("type") == "dns":
-        return ("dns", event.get("verdict", ""), event.get("direction", "egress"),
-                policies_key(event.get("policies")), str(event.get("protocol", "UDP")).upper(),
-                tuple(event.get("qtypes") or ()), len(event.get("ips") or ()),
-                int(event.get("rcode") or 0), tuple(event.get("rrtypes") or ()),
-                bool(event.get("qname")))
-    return ("http", event.get("verdict"), event.get("code"), event.get("direction", ""),
-            policies_key(event.get("policies")), event.get("method") or "",
-            event.get("protocol") or "")
+        return dns_event_kind(event.get("verdict", ""), event.get("direction", "egress"),
+                              event.get("policies"), str(event.get("protocol", "UDP")),
+                              event.get("qtypes") or (), len(event.get("ips") or ()),
+                              event.get("rcode"), event.get("rrtypes") or (), event.get("qname"))
+    return http_event_kind(event.get("verdict"), event.get("code"), event.get("direction", ""),
+                           event.get("policies"), event.get("method"), event.get("protocol"))
+
+
+def http_event_kind(verdict: str | None, code: int | None, direction: str, policies,
+                    method: str | None, protocol: str | None) -> tuple:
+    """`proxy_event_kind` of an HTTP event, from its fields (proxies call it without a dict)."""
+    return ("http", verdict, code, direction, policies_key(policies), method or "", protocol or "")
+
+
+def dns_event_kind(verdict: str, direction: str, policies, protocol: str, qtypes: Iterable[str],
+                   ips: int, rcode: int | None, rrtypes: Iterable[str], qname: str | None) -> tuple:
+    """`proxy_event_kind` of a DNS event, from its fields (`ips`: how many)."""
+    return ("dns", verdict, direction, policies_key(policies), protocol.upper(), tuple(qtypes),
+            ips, int(rcode or 0), tuple(rrtypes), bool(qname))
 
 
 class ProxyEvent(Mapping):

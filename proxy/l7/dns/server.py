@@ -36,7 +36,7 @@ from proxy.l7.dns.chain import (REFUSED, SERVFAIL, Destination, DNSProtocolError
                                 Outstanding, Query, Response, TCPFramer, check_policy, error_reply,
                                 learn, parse_query, refusal, release)
 from proxy.l7.oracle import L7Result, PolicyOracle
-from proxy.observe.flow import ProxyEvent, policies_key
+from proxy.observe.flow import ProxyEvent, dns_event_kind, dns_flow_count
 from proxy.policy.ipaddr import is_loopback
 
 log = logging.getLogger("l7gate.dns")
@@ -390,14 +390,13 @@ class DNSEvent(ProxyEvent):
     @property
     def kind(self) -> tuple:  # = proxy_event_kind(the dict), without building it
         q, learned = self.query, self.learned
-        return ("dns", self.verdict, "egress",
-                policies_key(self.result.policies if self.result else ()), self.server.proto.upper(),
-                (q.qtype_name,) if q else (), len(learned.ips), int(self.rcode or 0),
-                tuple(learned.rrtypes), bool(q.qname) if q else False)
+        return dns_event_kind(self.verdict, "egress", self.result.policies if self.result else (),
+                              self.server.proto, (q.qtype_name,) if q else (), len(learned.ips),
+                              self.rcode, learned.rrtypes, q.qname if q else "")
 
     @property
     def flow_count(self) -> int:  # = proxy_flow_count(the dict)
-        return 2 if self.verdict == "FORWARDED" else 1
+        return dns_flow_count(self.verdict)
 
     def build(self) -> dict:
         q, learned, server, rcode = self.query, self.learned, self.server, self.rcode

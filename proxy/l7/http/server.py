@@ -47,7 +47,7 @@ from proxy.l7.http.conn import (
     Tunnel,
 )
 from proxy.l7.oracle import PolicyOracle
-from proxy.observe.flow import ProxyEvent, policies_key
+from proxy.observe.flow import ProxyEvent, http_event_kind, http_flow_count
 from proxy.policy.ipaddr import is_loopback
 
 __all__ = ["Server", "serve", "serve_forever"]
@@ -207,12 +207,11 @@ class HTTPEvent(ProxyEvent):
     @property
     def kind(self) -> tuple:  # = proxy_event_kind(the dict), without building it
         f = self.flow
-        return ("http", f.verdict, f.code, self.direction, policies_key(f.policies),
-                f.method or "", f.protocol)
+        return http_event_kind(f.verdict, f.code, self.direction, f.policies, f.method, f.protocol)
 
     @property
     def flow_count(self) -> int:  # = proxy_flow_count(the dict)
-        return 1 if self.flow.code is None else 2
+        return http_flow_count(self.flow.code)
 
     @property
     def http_latency_ns(self) -> int:  # = http_latency_ns(the dict)
