@@ -186,9 +186,8 @@ class _Bad(Exception):
 
 # --- framing helpers --------------------------------------------------------------------------
 
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
 # field lines (of a head llhttp accepted): name, value without surrounding OWS
-_FIELD = re.compile(r"([^:\r\n]*):[ \t]*([^\r\n]*?)[ \t]*\r\n")
+_FIELD = re.compile(r"([^:\r\n]*):[ \t]*((?:[^\r\n \t]+(?:[ \t]+[^\r\n \t]+)*)?)[ \t]*\r\n")
 _AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%\[\]:]+:[0-9]{1,5}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*)?")
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n"
@@ -196,8 +195,23 @@ _H2_PREFACE = b"PRI * HTTP/2.0\r\n"
 # as they are (unreserved and sub-delims, ':' '@' '[' ']'), none empty, none "." or "..", and
 # a query of printable ASCII. Such targets skip the (slower) canonicaliser; anything else goes
 # through it. tests/test_http_proxy.py checks the two agree.
-_PLAIN_TARGET = re.compile(
-    rb"(?:/(?!\.\.?(?:[/?]|\Z))[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]]+)*/?(?:\?[\x21\x22\x24-\x7e]*)?")
+def _plain_target(end: bytes) -> bytes:
+    return (rb"(?:/(?!\.\.?(?:[/?]|" + end + rb"))[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]]+)*/?"
+            rb"(?:\?[\x21\x22\x24-\x7e]*)?")
+
+
+_PLAIN_TARGET = re.compile(_plain_target(rb"\Z"))
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(b"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
+# A request head of the commonest shape: a method token, a plain origin-form target (as above),
+# HTTP/1.0 or 1.1, field lines `token:` OWS value OWS CRLF whose values are visible characters
+# with inner SP/HTAB. No obs-fold, no bare CR or LF, no control character can be in such a head,
+# and splitting its field lines with _FIELD is exact: `RequestReader._simple_head` reads it with
+# a few of `_full_head`'s checks (tests/test_http_proxy.py checks the two agree).
+_SIMPLE_HEAD = re.compile(
+    b"(" + _TOKEN + b") ((?=/)" + _plain_target(b" ") + rb") HTTP/1\.([01])\r\n"
+    rb"((?:" + _TOKEN + rb":[ \t]*(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?"
+    rb"[ \t]*\r\n)*)\r\n")
 _DIGITS = frozenset(b"0123456789")
 
 
@@ -431,6 +445,56 @@ class RequestReader(_Reader):
         return self._on_head(head)
 
     def _on_head(self, head: bytes) -> RequestHead:
+        m = _SIMPLE_HEAD.fullmatch(head)
+        if m is not None:
+            ev = self._simple_head(head, m)
+            if ev is not None:
+                return ev
+        return self._full_head(head)
+
+    def _simple_head(self, head: bytes, m: re.Match) -> RequestHead | None:
+        """What `_full_head` makes of a head in _SIMPLE_HEAD's shape, not CONNECT, whose only
+        framing fields are one Host and Connection: no body, no protocol switch, a target
+        forwarded as sent.
+        None (nothing consumed) for any other head."""
+        bmethod, target, minor, fields = m.groups()
+        if bmethod == b"CONNECT":
+            return None
+        headers = _FIELD.findall(fields.decode("latin-1"))
+        if len(headers) > self.max_headers:
+            return None
+        host = None
+        conn: list[str] = []
+        for name, value in headers:
+            special = _REQUEST_FIELDS.get(name.lower())
+            if special is None:
+                continue
+            if special == 1 and host is None:
+                host = value
+            elif special == 4:
+                conn += _tokens(value)
+            else:
+                return None
+        if host is None and minor == b"1":
+            return None
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpRequestParser(self)
+        if self._parse_head(parser, head):
+            raise _Bad(400, "ambiguous protocol upgrade")
+        method = bmethod.decode()
+        path = target.decode("ascii")
+        fields_t = tuple(headers)
+        if minor == b"1":
+            version, keep_alive = "1.1", "close" not in conn
+        else:
+            version, keep_alive = "1.0", "keep-alive" in conn and "close" not in conn
+        self._head = ev = RequestHead(method, path, version, fields_t, head,
+                                      HTTPRequest(method, path, host, fields_t), keep_alive, False)
+        self._state = self.END
+        return ev
+
+    def _full_head(self, head: bytes) -> RequestHead:
         m = _REQUEST_LINE.match(head)
         if m is None or m.group(3) != b"1" or m.group(4) not in (b"0", b"1"):
             if head.startswith(_H2_PREFACE):
