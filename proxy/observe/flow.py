@@ -160,7 +160,10 @@ def _ip_version(ip: str) -> str:
 
 
 def _plain(ip: str) -> str:
-    ip = (ip or "").split("%", 1)[0]
+    if not ip:
+        return ""
+    if "%" in ip:
+        ip = ip.split("%", 1)[0]
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
@@ -535,8 +538,12 @@ class ProxyEvent(Mapping):
     `http_latency_ns`; the event dict (what `proxy_flows` reads) is built the first time anyone
     reads the event as a mapping. A proxy sends one of these or a plain dict (`DictEvent` wraps
     it). A dict per request cost the HTTP proxy more than its own work on the request, once
-    the ring held thousands of them."""
-    __slots__ = ("_dict",)
+    the ring held thousands of them.
+
+    Its flows, likewise, are built the first time one of them is read (`flows()`): most never
+    are (the ring forgets them first). The peers are resolved at once (`resolve_peers`): a
+    flow shows the identities of when it happened."""
+    __slots__ = ("_dict", "_peers", "_node_name", "_flows")
     time_ns: int
     src_ip: str
     dst_ip: str
@@ -562,6 +569,20 @@ class ProxyEvent(Mapping):
     def __len__(self) -> int:
         return len(self.as_dict())
 
+    def resolve_peers(self, resolve: Resolver | None, node_name: str = "") -> None:
+        src, dst = _plain(self.src_ip), _plain(self.dst_ip)
+        self._peers = (src, _resolve(resolve, src), dst, _resolve(resolve, dst))
+        self._node_name = node_name
+        self._flows = None
+
+    def flows(self) -> list[dict]:
+        flows = self._flows
+        if flows is None:
+            src, src_info, dst, dst_info = self._peers
+            peers = {src: src_info, dst: dst_info}
+            flows = self._flows = proxy_flows(self.as_dict(), peers.get, self._node_name)
+        return flows
+
 
 class DictEvent(ProxyEvent):
     """A proxy event given as a dict (the DNS proxy's, tests')."""
@@ -575,29 +596,6 @@ class DictEvent(ProxyEvent):
         self.kind = proxy_event_kind(event)
         self.flow_count = proxy_flow_count(event)
         self.http_latency_ns = http_latency_ns(event)
-
-
-class ProxyEventFlows:
-    """The flows of one proxy event, built the first time one of them is read.
-
-    Most flows are never read (the ring forgets them first), and building two Hubble dicts costs
-    more than the proxy's own work on a request; so the proxies' hot path only keeps the event.
-    The peers are resolved at once: a flow shows the identities of when it happened."""
-
-    __slots__ = ("event", "peers", "node_name", "_flows")
-
-    def __init__(self, event: ProxyEvent, resolve: Resolver | None, node_name: str = "") -> None:
-        self.event = event
-        src, dst = _plain(event.src_ip), _plain(event.dst_ip)
-        self.peers = {src: _resolve(resolve, src), dst: _resolve(resolve, dst)}
-        self.node_name = node_name
-        self._flows: list[dict] | None = None
-
-    def flows(self) -> list[dict]:
-        flows = self._flows
-        if flows is None:
-            flows = self._flows = proxy_flows(self.event.as_dict(), self.peers.get, self.node_name)
-        return flows
 
 
 # -- kernel ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 from proxy.observe.flow import (EVENT_DROP, EVENT_L7, EVENT_POLICY_VERDICT, EVENT_TRACE, MATCH_TYPES,
-                                RCODE_NAMES, ProxyEventFlows, protocol_of)
+                                RCODE_NAMES, ProxyEvent, protocol_of)
 from proxy.observe.format import deciding_policies
 
 DEFAULT_PORT = 9965  # hubble's metrics port
@@ -211,7 +211,7 @@ class Metrics:
     def observe(self, flow: dict) -> None:
         _apply(_split(self._plan(flow)), _latency_s(flow))
 
-    def observe_event(self, kind: tuple, event: ProxyEventFlows) -> None:
+    def observe_event(self, kind: tuple, event: ProxyEvent) -> None:
         """Count a proxy event's flows without building them: the series a flow counts in depend
         only on its event's `kind` (`proxy_event_kind`), so the flows of the first event of a
         kind are built once and the series they touched are remembered."""
@@ -220,7 +220,7 @@ class Metrics:
             if len(self._plans) >= self.MAX_PLANS:
                 self._plans.clear()
             plan = self._plans[kind] = _split([step for f in event.flows() for step in self._plan(f)])
-        _apply(plan, event.event.http_latency_ns / 1e9)
+        _apply(plan, event.http_latency_ns / 1e9)
 
     def _plan(self, flow: dict) -> list[tuple[object, bool]]:
         """The series `flow` counts in: (child, timed); timed children observe the latency."""

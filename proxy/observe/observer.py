@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from proxy.observe.flow import (DictEvent, EndpointInfo, Explainer, Explanation, ProxyEvent,
-                                ProxyEventFlows, Resolver, kernel_flows)
+                                Resolver, kernel_flows)
 from proxy.observe.metrics import Metrics, MetricsServer
 from proxy.observe.nflog import NflogListener, Packet
 from proxy.observe.ring import DEFAULT_SIZE, FlowRing
@@ -53,10 +53,10 @@ class Observer:
         try:
             if isinstance(event, dict):  # (an ABC's isinstance is slower: ask about dict)
                 event = DictEvent(event)
-            flows = ProxyEventFlows(event, self.resolve, self.node_name)
-            self.ring.append_event(flows, event.time_ns)
+            event.resolve_peers(self.resolve, self.node_name)
+            self.ring.append_event(event, event.time_ns)
             if self.metrics is not None:
-                self.metrics.observe_event(event.kind, flows)
+                self.metrics.observe_event(event.kind, event)
         except Exception:
             self.errors += 1
             log.exception("could not turn a proxy event into flows")

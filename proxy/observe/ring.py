@@ -13,7 +13,7 @@ import asyncio
 from collections import deque
 from typing import Callable, Iterator
 
-from proxy.observe.flow import ProxyEventFlows, parse_time
+from proxy.observe.flow import ProxyEvent, parse_time
 
 Predicate = Callable[[dict], bool]
 DEFAULT_SIZE = 4096
@@ -84,7 +84,7 @@ class Follower:
         self.close()
 
 
-def _built(item: dict | ProxyEventFlows, index: int) -> dict:
+def _built(item: dict | ProxyEvent, index: int) -> dict:
     """A ring item as a flow: a flow dict (index -1), or flow number `index` of a proxy event
     whose flows are built the first time one of them is read."""
     return item if index < 0 else item.flows()[index]
@@ -96,7 +96,7 @@ class FlowRing:
             raise ValueError("ring size must be at least 1")
         self.size = size
         # (seq, time_ns, flow dict or proxy event, -1 or the flow's index in the event's flows)
-        self._items: deque[tuple[int, int, dict | ProxyEventFlows, int]] = deque(maxlen=size)
+        self._items: deque[tuple[int, int, dict | ProxyEvent, int]] = deque(maxlen=size)
         self._followers: set[Follower] = set()
         self.seq = 0  # flows ever appended
 
@@ -113,8 +113,8 @@ class FlowRing:
             f._push(self.seq, flow)
         return self.seq
 
-    def append_event(self, event: ProxyEventFlows, time_ns: int) -> int:
-        """Keep the flows of a proxy event, unbuilt until read (`ProxyEventFlows`); they are
+    def append_event(self, event: ProxyEvent, time_ns: int) -> int:
+        """Keep the flows of a proxy event, unbuilt until read (`ProxyEvent.flows`); they are
         built at once when someone follows. `time_ns`: the event's time, which `since` uses for
         all of its flows."""
         if self._followers:
@@ -122,7 +122,7 @@ class FlowRing:
                 self.append(flow, time_ns)
             return self.seq
         items = self._items
-        for i in range(event.event.flow_count):
+        for i in range(event.flow_count):
             self.seq += 1
             items.append((self.seq, time_ns, event, i))
         return self.seq

@@ -152,7 +152,7 @@ class RequestHead:
 class ResponseHead:
     status: int
     version: str
-    raw: bytes
+    data: bytes  # the head's exact bytes; and the whole body too when it came with the head
     keep_alive: bool
     interim: bool = False  # 1xx other than 101: another head follows for the same request
     switch: bool = False  # 101 to an upgrade, 2xx to CONNECT: the connection becomes a tunnel
@@ -697,7 +697,8 @@ class RequestReader(_Reader):
 
 
 class ResponseReader(_Reader):
-    """Upstream bytes -> ResponseHead, Body, EndOfMessage, ProtocolError(502).
+    """Upstream bytes -> ResponseHead, Body, EndOfMessage, ProtocolError(502). A Content-Length
+    body that arrived with its head comes in the ResponseHead's `data` (no Body event).
 
     `next_event(method, upgrade)` takes the method of the request the next response answers
     and whether that request asked for a protocol switch (both only matter at a head).
@@ -731,12 +732,21 @@ class ResponseReader(_Reader):
                     return NEED_DATA
                 if method is None:
                     raise _Bad(502, "response without a request")
+                start = self._pos
                 head = self._find_head(502)
                 if head is None:
                     if self._eof:
                         raise _Bad(502, "upstream closed in a response head")
                     return NEED_DATA
-                return self._on_head(head, method, upgrade)
+                ev = self._on_head(head, method, upgrade)
+                if self._state == self.LENGTH and len(self._buf) - self._pos >= self._remaining:
+                    # the whole body is here: one slice, no Body event
+                    end = self._pos + self._remaining
+                    ev.data = self._take(start, end)
+                    self._pos = end
+                    self._remaining = 0
+                    self._state = self.END
+                return ev
             if st == self.LENGTH or st == self.EOF:
                 avail = len(self._buf) - self._pos
                 if not avail:
@@ -1146,7 +1156,7 @@ class ProxyConnection:
                 else:
                     out.append(SendClient(ev.data))
             elif t is ResponseHead:
-                out.append(SendClient(ev.raw))
+                out.append(SendClient(ev.data))
                 if ev.interim:
                     continue
                 self._started = True
