@@ -305,6 +305,50 @@ def test_simple_heads_are_read_as_the_full_way_reads_them():
     assert simple > 300  # enough heads took the short way for the comparison to mean something
 
 
+def test_simple_response_heads_are_read_as_llhttp_reads_them():
+    """ResponseReader reads the framing of plain response heads without llhttp
+    (`_simple_fields`); over the corpus's responses, their mutations and a few hand-made heads,
+    the events must be the ones the full way (`_full_fields`, llhttp) gives."""
+    seeds = [(_bytes(r), 0) for _, c in CASES for r in c.get("upstream", [])]
+    heads = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+             b"HTTP/1.0 200 OK\r\nconnection: Keep-Alive\r\ncontent-length: 0\r\n\r\n",
+             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+             b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", b"HTTP/1.1 204 \r\n\r\n",
+             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+             b"HTTP/1.1 101 Switching\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+             b"HTTP/1.1 999 Odd\r\nX:  a b \t\r\nContent-Length: 1\r\n\r\nab",
+             b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nrest"]
+    rng = random.Random(2468)
+    inputs = [d for d, _ in seeds] + heads + [d for d, _ in _mutations(rng, seeds, 3000)]
+    simple = 0
+    for data in inputs:
+        for method, upgrade in (("GET", False), ("HEAD", False), ("GET", True), ("CONNECT", True)):
+            fast, full = http.ResponseReader(), http.ResponseReader()
+            full._simple_fields = lambda m: None
+            shortcut = fast._simple_fields
+
+            def counting(m):
+                nonlocal simple
+                found = shortcut(m)
+                simple += found is not None
+                return found
+
+            fast._simple_fields = counting
+            events = []
+            for reader in (fast, full):
+                reader.receive_data(data)
+                reader.receive_eof()
+                seen = []
+                while len(seen) < 50:
+                    ev = reader.next_event(method, upgrade)
+                    seen.append(ev)
+                    if ev is http.NEED_DATA or ev is http.PAUSED or isinstance(ev, http.ProtocolError):
+                        break
+                events.append(seen)
+            assert events[0] == events[1], (data, method, upgrade)
+    assert simple > 300  # enough heads took the short way for the comparison to mean something
+
+
 def test_header_edits_from_the_verdict_are_applied_to_the_forwarded_head():
     from proxy.l7.oracle import L7Result
     from proxy.policy.httpmatch import HeaderEdit

@@ -8,13 +8,14 @@ Three pieces, plain objects with no socket and no logging (the clock is a parame
   bytes, chunk framing included, so they can be forwarded as they are), `EndOfMessage`,
   `ProtocolError` (status to answer: 400 malformed / smuggling, 431 head too large; None for
   "close without answering", used for HTTP/2 prior knowledge). httptools (llhttp, strict mode)
-  parses every head; our own framing finds where heads and bodies end (llhttp does not report
-  offsets) and the request's body bytes are fed to llhttp as well, so a message is accepted
-  only when both agree on where it ends.
+  parses every request head; our own framing finds where heads and bodies end (llhttp does not
+  report offsets) and the request's body bytes are fed to llhttp as well, so a message is
+  accepted only when both agree on where it ends.
 
 `ResponseReader` (upstream side): the same for responses, told the method of the request each
   response answers (HEAD, CONNECT), so 1xx/204/304/HEAD responses have no body, a 101 or a 2xx
-  to CONNECT switches to a tunnel, and a body without length runs to EOF.
+  to CONNECT switches to a tunnel, and a body without length runs to EOF. Response heads of
+  the plainest shape (see _SIMPLE_RESPONSE) are read by a regex alone; llhttp reads the others.
 
 `ProxyConnection` ties them to a verdict function `check(HTTPRequest) -> L7Result` and turns
   everything into commands for the I/O loop: `SendUpstream`, `SendClient`, `Flow`, `Tunnel`,
@@ -203,15 +204,22 @@ def _plain_target(end: bytes) -> bytes:
 _PLAIN_TARGET = re.compile(_plain_target(rb"\Z"))
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(b"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
-# A request head of the commonest shape: a method token, a plain origin-form target (as above),
-# HTTP/1.0 or 1.1, field lines `token:` OWS value OWS CRLF whose values are visible characters
-# with inner SP/HTAB. No obs-fold, no bare CR or LF, no control character can be in such a head,
-# and splitting its field lines with _FIELD is exact: `RequestReader._simple_head` reads it with
-# a few of `_full_head`'s checks (tests/test_http_proxy.py checks the two agree).
+# Heads of the commonest shape: a start line, then field lines `token:` OWS value OWS CRLF whose
+# values are visible characters with inner SP/HTAB. No obs-fold, no bare CR or LF, no control
+# character can be in such a head, and splitting its field lines is exact. Requests: a method
+# token, a plain origin-form target (as above), HTTP/1.0 or 1.1; `RequestReader._simple_head`
+# reads them with a few of `_full_head`'s checks. Responses: HTTP/1.0 or 1.1, a final status
+# (not 1xx), a reason; `ResponseReader._simple_fields` reads those without llhttp when their
+# framing is plain (no Transfer-Encoding, at most one Content-Length). tests/test_http_proxy.py
+# checks that both ways agree with the full ones.
+_FIELD_LINES = (rb"((?:" + _TOKEN + rb":[ \t]*(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?"
+                rb"[ \t]*\r\n)*)\r\n")
 _SIMPLE_HEAD = re.compile(
-    b"(" + _TOKEN + b") ((?=/)" + _plain_target(b" ") + rb") HTTP/1\.([01])\r\n"
-    rb"((?:" + _TOKEN + rb":[ \t]*(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?"
-    rb"[ \t]*\r\n)*)\r\n")
+    b"(" + _TOKEN + b") ((?=/)" + _plain_target(b" ") + rb") HTTP/1\.([01])\r\n" + _FIELD_LINES)
+_SIMPLE_RESPONSE = re.compile(rb"HTTP/1\.([01]) ([2-9][0-9][0-9]) [\t\x20-\x7e\x80-\xff]*\r\n" + _FIELD_LINES)
+# the framing fields among a simple head's field lines, values without OWS
+_FRAMING_FIELD = re.compile(rb"^(content-length|transfer-encoding|connection):[ \t]*"
+                            rb"((?:[^\r\n \t]+(?:[ \t]+[^\r\n \t]+)*)?)[ \t]*\r\n", re.I | re.M)
 _DIGITS = frozenset(b"0123456789")
 
 
@@ -784,25 +792,9 @@ class ResponseReader(_Reader):
             return ProtocolError(e.status, e.reason)
 
     def _on_head(self, head: bytes, method: str, upgrade: bool) -> ResponseHead:
-        parser = httptools.HttpResponseParser(self)
-        self._parse_head(parser, head)
-        version = parser.get_http_version()
-        if version not in ("1.0", "1.1"):
-            raise _Bad(502, f"unsupported HTTP version {version}")
-        status = parser.get_status_code()
-        te = cl = None
-        conn: list[str] = []
-        first = head.find(b"\r\n") + 2
-        if first < len(head) - 2:
-            for line in head[first:-4].split(b"\r\n"):
-                name, _, value = line.partition(b":")
-                ln = name.lower()
-                if ln == b"content-length":
-                    cl = value.strip(b" \t")
-                elif ln == b"transfer-encoding":
-                    te = (te + "," if te else "") + value.decode("latin-1")
-                elif ln == b"connection":
-                    conn += _tokens(value.decode("latin-1"))
+        m = _SIMPLE_RESPONSE.fullmatch(head)
+        fields = self._simple_fields(m) if m is not None else None
+        version, status, te, cl, conn = fields or self._full_fields(head)
         keep_alive = ("close" not in conn) if version == "1.1" else "keep-alive" in conn
         if 100 <= status < 200:
             if status == 101:
@@ -833,6 +825,49 @@ class ResponseReader(_Reader):
             self._state = self.EOF
             keep_alive = False
         return ResponseHead(status, version, head, keep_alive)
+
+    @staticmethod
+    def _simple_fields(m: re.Match) -> tuple | None:
+        """`_full_fields` of a head in _SIMPLE_RESPONSE's shape without Transfer-Encoding, with
+        at most one (numeric) Content-Length; None for any other."""
+        minor, status, lines = m.groups()
+        cl = None
+        conn: list[str] = []
+        for name, value in _FRAMING_FIELD.findall(lines):
+            ln = name.lower()
+            if ln == b"content-length":
+                if cl is not None or not value or len(value) > 18 or not _DIGITS.issuperset(value):
+                    return None
+                cl = value
+            elif ln == b"transfer-encoding":
+                return None
+            elif ln == b"connection":
+                conn += _tokens(value.decode("latin-1"))
+        return ("1.1" if minor == b"1" else "1.0"), int(status), None, cl, conn
+
+    def _full_fields(self, head: bytes) -> tuple:
+        """llhttp checks the head; (version, status, Transfer-Encoding, Content-Length, Connection
+        tokens) as the framing needs them."""
+        parser = httptools.HttpResponseParser(self)
+        self._parse_head(parser, head)
+        version = parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise _Bad(502, f"unsupported HTTP version {version}")
+        status = parser.get_status_code()
+        te = cl = None
+        conn: list[str] = []
+        first = head.find(b"\r\n") + 2
+        if first < len(head) - 2:
+            for line in head[first:-4].split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                ln = name.lower()
+                if ln == b"content-length":
+                    cl = value.strip(b" \t")
+                elif ln == b"transfer-encoding":
+                    te = (te + "," if te else "") + value.decode("latin-1")
+                elif ln == b"connection":
+                    conn += _tokens(value.decode("latin-1"))
+        return version, status, te, cl, conn
 
 
 # --- the proxy's commands ---------------------------------------------------------------------
