@@ -1179,8 +1179,8 @@ class ProxyConnection:
         reader = self.responses
         out = self._out
         q = self._queue
+        entry = q[0] if q and q[0].local is None else None  # the request being answered
         while not self.closed:
-            entry = q[0] if q and q[0].local is None else None
             ev = reader.next_event(entry.method if entry is not None else None,
                                    entry is not None and entry.upgrade is not None)
             t = type(ev)
@@ -1214,6 +1214,7 @@ class ProxyConnection:
                     self._flush()
                 if self.requests.buffered and not self.closed:
                     self._pump_requests()
+                entry = q[0] if q and q[0].local is None else None
             elif t is ProtocolError:
                 if self._started or entry is None:
                     self._close(f"upstream: {ev.reason}", abort=True)
