@@ -463,8 +463,7 @@ class RequestReader(_Reader):
     def _simple_head(self, head: bytes, m: re.Match) -> RequestHead | None:
         """What `_full_head` makes of a head in _SIMPLE_HEAD's shape, not CONNECT, whose only
         framing fields are one Host and Connection: no body, no protocol switch, a target
-        forwarded as sent.
-        None (nothing consumed) for any other head."""
+        forwarded as sent. None (nothing consumed) for any other head."""
         bmethod, target, minor, fields = m.groups()
         if bmethod == b"CONNECT":
             return None
