@@ -24,6 +24,7 @@ from proxy.observe.ring import DEFAULT_SIZE, FlowRing
 from proxy.policy.ipaddr import is_loopback
 
 log = logging.getLogger("l7gate.observe")
+_FOREVER = float("inf")
 
 
 class Observer:
@@ -149,15 +150,15 @@ class EngineView:
         change): an endpoint's address for the engine's life, others for WORLD_TTL seconds.
         A lookup costs 20-60 us; flows ask twice per request."""
         engine = self.get_engine()
-        now = self.clock()
         if engine is not self._engine or len(self._cache) >= self.CACHE_SIZE:
             self._engine, self._cache = engine, {}
         hit = self._cache.get(ip)
-        if hit is not None and hit[1] > now:
+        if hit is not None and (hit[1] == _FOREVER or hit[1] > self.clock()):
             return hit[0]
+        now = self.clock()
         info = self._lookup(engine, ip)
         forever = info is not None and info.pod_name != ""
-        self._cache[ip] = (info, float("inf") if forever else now + self.WORLD_TTL)
+        self._cache[ip] = (info, _FOREVER if forever else now + self.WORLD_TTL)
         return info
 
     def _lookup(self, engine, ip: str) -> EndpointInfo | None:

@@ -189,33 +189,21 @@ class HTTPEvent(ProxyEvent):
     """One request's event for `on_flow`, read as a dict: `conn.Flow.record` plus time (ns),
     direction, src_ip/src_port (the client), dst_ip/dst_port (the original destination);
     built only if someone reads it (the observer's hot path reads the attributes)."""
-    __slots__ = ("flow", "time_ns", "direction", "src", "dst")
+    __slots__ = ("flow", "time_ns", "direction", "src", "dst", "src_ip", "dst_ip", "flow_count",
+                 "http_latency_ns")
 
     def __init__(self, flow: Flow, time_ns: int, direction: str, src: tuple[str, int],
                  dst: tuple[str, int]) -> None:
         self._dict = None
         self.flow, self.time_ns, self.direction, self.src, self.dst = flow, time_ns, direction, src, dst
-
-    @property
-    def src_ip(self) -> str:
-        return self.src[0]
-
-    @property
-    def dst_ip(self) -> str:
-        return self.dst[0]
+        self.src_ip, self.dst_ip = src[0], dst[0]
+        self.flow_count = http_flow_count(flow.code)  # = proxy_flow_count(the dict)
+        self.http_latency_ns = max(0, flow.latency_us) * 1000  # = http_latency_ns(the dict)
 
     @property
     def kind(self) -> tuple:  # = proxy_event_kind(the dict), without building it
         f = self.flow
         return http_event_kind(f.verdict, f.code, self.direction, f.policies, f.method, f.protocol)
-
-    @property
-    def flow_count(self) -> int:  # = proxy_flow_count(the dict)
-        return http_flow_count(self.flow.code)
-
-    @property
-    def http_latency_ns(self) -> int:  # = http_latency_ns(the dict)
-        return max(0, int(round(self.flow.latency_ms * 1_000_000)))
 
     def build(self) -> dict:
         record = self.flow.record
