@@ -18,5 +18,6 @@ What it never does
 
 Metrics
   `Server.stats`: connections, requests, forwarded, denied, errors (protocol errors answered
-  400/431/502/503 or connections refused), tunnels. One `on_flow(dict)` per request.
+  400/431/502/503 or connections refused), tunnels. One `on_flow(event)` per request: an
+  `HTTPEvent`, a read-only mapping built only when read.
 """
