@@ -188,7 +188,7 @@ class _Bad(Exception):
 # --- framing helpers --------------------------------------------------------------------------
 
 # field lines (of a head llhttp accepted): name, value without surrounding OWS
-_FIELD = re.compile(r"([^:\r\n]*):[ \t]*((?:[^\r\n \t]+(?:[ \t]+[^\r\n \t]+)*)?)[ \t]*\r\n")
+_FIELD = re.compile(r"([^:\r\n]*+):[ \t]*+((?:[^\r\n \t]++(?:[ \t]++[^\r\n \t]++)*+)?+)[ \t]*+\r\n")
 _AUTHORITY = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=%\[\]:]+:[0-9]{1,5}")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[\t\x20-\x7e\x80-\xff]*)?")
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n"
@@ -197,8 +197,8 @@ _H2_PREFACE = b"PRI * HTTP/2.0\r\n"
 # a query of printable ASCII. Such targets skip the (slower) canonicaliser; anything else goes
 # through it. tests/test_http_proxy.py checks the two agree.
 def _plain_target(end: bytes) -> bytes:
-    return (rb"(?:/(?!\.\.?(?:[/?]|" + end + rb"))[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]]+)*/?"
-            rb"(?:\?[\x21\x22\x24-\x7e]*)?")
+    return (rb"(?:/(?!\.\.?(?:[/?]|" + end + rb"))[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]]++)*+/?"
+            rb"(?:\?[\x21\x22\x24-\x7e]*+)?")
 
 
 _PLAIN_TARGET = re.compile(_plain_target(rb"\Z"))
@@ -212,14 +212,13 @@ _REQUEST_LINE = re.compile(b"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0
 # (not 1xx), a reason; `ResponseReader._simple_fields` reads those without llhttp when their
 # framing is plain (no Transfer-Encoding, at most one Content-Length). tests/test_http_proxy.py
 # checks that both ways agree with the full ones.
-_FIELD_LINES = (rb"((?:" + _TOKEN + rb":[ \t]*(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?"
-                rb"[ \t]*\r\n)*)\r\n")
+_FIELD_LINES = rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*+\r\n)*+)\r\n"
 _SIMPLE_HEAD = re.compile(
     b"(" + _TOKEN + b") ((?=/)" + _plain_target(b" ") + rb") HTTP/1\.([01])\r\n" + _FIELD_LINES)
-_SIMPLE_RESPONSE = re.compile(rb"HTTP/1\.([01]) ([2-9][0-9][0-9]) [\t\x20-\x7e\x80-\xff]*\r\n" + _FIELD_LINES)
+_SIMPLE_RESPONSE = re.compile(rb"HTTP/1\.([01]) ([2-9][0-9][0-9]) [\t\x20-\x7e\x80-\xff]*+\r\n" + _FIELD_LINES)
 # the framing fields among a simple head's field lines, values without OWS
-_FRAMING_FIELD = re.compile(rb"^(content-length|transfer-encoding|connection):[ \t]*"
-                            rb"((?:[^\r\n \t]+(?:[ \t]+[^\r\n \t]+)*)?)[ \t]*\r\n", re.I | re.M)
+_FRAMING_FIELD = re.compile(rb"^(content-length|transfer-encoding|connection):[ \t]*+"
+                            rb"((?:[^\r\n \t]++(?:[ \t]++[^\r\n \t]++)*+)?+)[ \t]*+\r\n", re.I | re.M)
 _DIGITS = frozenset(b"0123456789")
 
 
