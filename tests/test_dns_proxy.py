@@ -245,6 +245,16 @@ def test_policy(group, case):
     assert reply.answers == () and (reply.header.nscount, reply.header.arcount) == (0, 0)
 
 
+def test_names_are_presented_as_miekg_prints_them():
+    """Plain labels are joined as they are; a label with a dot, a space, a special or a
+    non-printable byte is escaped (`present` has a short way for names with nothing to escape)."""
+    assert wire.present(()) == "."
+    assert wire.present((b"w1", b"Bench", b"example")) == "w1.Bench.example."
+    assert wire.present((b"~!-_", b"x")) == "~!-_.x."
+    assert wire.present((b"a.b", b"c d", b"\x01", b"\xff", b"x@y", b'q"', b"\\", b"ok")) == \
+        'a\\.b.c\\ d.\\001.\\255.x\\@y.q\\".\\\\.ok.'
+
+
 def test_nxdomain_instead_of_refused():
     query = parse_query(build_query({"name": "support.github.com"}))
     reply = wire.parse(refusal(query, NXDOMAIN))

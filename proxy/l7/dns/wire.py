@@ -36,6 +36,7 @@ _HEADER = struct.Struct("!6H")  # id, flags, qdcount, ancount, nscount, arcount
 MAX_POINTERS = 126  # miekg/dns maxCompressionPointers
 MAX_NAME_OCTETS = 255
 _SPECIAL = frozenset(b".'@;()\" \\")
+_PLAIN_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in _SPECIAL)  # printed as they are
 
 Labels = tuple[bytes, ...]
 
@@ -94,6 +95,9 @@ def present(labels: Labels) -> str:
     """A name in presentation format as miekg/dns prints it (case kept, final dot)."""
     if not labels:
         return "."
+    raw = b"".join(labels)
+    if not raw.translate(None, _PLAIN_BYTES):  # nothing to escape (the usual name)
+        return b".".join(labels).decode("ascii") + "."
     out = []
     for label in labels:
         text = []
