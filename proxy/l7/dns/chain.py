@@ -115,7 +115,7 @@ def parse_query(data: bytes) -> Query:
     if header.ancount > 1 or header.nscount > 1 or header.arcount > 2:
         raise fail("too many records for a query", FORMERR)
     try:
-        msg = wire.parse(data)
+        msg = wire.parse(data, header=header)
     except WireError as e:
         raise fail(f"unreadable: {e}", FORMERR) from None
     question = msg.questions[0]
@@ -238,7 +238,7 @@ class Outstanding:
         if not header.qr:
             raise Mismatch("not a response")
         try:
-            message, rest_error = wire.parse_questions_then_rest(data)
+            message, rest_error = wire.parse_questions_then_rest(data, header)
         except WireError as e:
             raise Mismatch(f"unreadable: {e}") from None
         if len(message.questions) != 1 or message.questions[0].key != pending.query.question.key:

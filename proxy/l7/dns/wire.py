@@ -229,23 +229,27 @@ def _record(buf: _Buffer) -> Record:
     return Record(labels, rtype, rclass, ttl, value)
 
 
-def parse(data: bytes, questions_only: bool = False) -> Message:
+def parse(data: bytes, questions_only: bool = False, header: Header | None = None) -> Message:
     """Read a whole message (or only up to the questions); WireError if it is malformed.
+    `header`: `parse_header(data)` when the caller has it already.
 
     Trailing bytes after the last record are ignored, as miekg/dns does."""
-    message, rest_error = _parse(data, questions_only)
+    message, rest_error = _parse(data, questions_only, header)
     if rest_error is not None:
         raise rest_error
     return message
 
 
-def parse_questions_then_rest(data: bytes) -> tuple[Message, WireError | None]:
+def parse_questions_then_rest(data: bytes, header: Header | None = None,
+                              ) -> tuple[Message, WireError | None]:
     """Header and questions (WireError if those fail); the rest, or why it could not be read."""
-    return _parse(data, False)
+    return _parse(data, False, header)
 
 
-def _parse(data: bytes, questions_only: bool) -> tuple[Message, WireError | None]:
-    header = parse_header(data)
+def _parse(data: bytes, questions_only: bool, header: Header | None,
+           ) -> tuple[Message, WireError | None]:
+    if header is None:
+        header = parse_header(data)
     buf = _Buffer(data)
     buf.offset = HEADER_LEN
     try:
