@@ -187,7 +187,12 @@ def test_parse_query(case):
     data = build_query(case["query"])
     expect = case["expect"]
     if "qname" in expect:
-        assert parse_query(data).qname == expect["qname"]
+        query = parse_query(data)
+        assert query.qname == expect["qname"]
+        # what is forwarded (a new ID) reads as the very question that was checked, whatever the ID
+        for upstream_id in (0x0000, 0x3f3f, 0xc00c, 0xffff):
+            sent = Outstanding().register("up", query, KUBE_DNS, upstream_id).wire
+            assert parse_query(sent).question.key == query.question.key
         return
     with pytest.raises(DNSProtocolError) as info:
         parse_query(data)

@@ -1,7 +1,9 @@
 """DNS wire format for the proxy: dnslib, with a name decoder hardened for hostile input.
 
 dnslib parses headers, questions and A/AAAA/CNAME data; names go through `_Buffer.decode_name`,
-which replaces dnslib's recursive one: compression pointers must point backwards, at most 126 of
+which replaces dnslib's recursive one: compression pointers must point backwards and past the
+header (the proxy rewrites the ID, so a name read through a pointer into the header would read
+differently upstream than here: a query checked as one name and resolved as another), at most 126 of
 them per name (miekg/dns's limit), at most 255 octets per name, labels are kept as raw bytes
 (dnslib's own decoder rejects non-UTF-8 labels and recurses on some pointer loops). Records of
 other types are kept opaque: the proxy relays the upstream's bytes, so it only needs to understand
@@ -70,6 +72,8 @@ class _Buffer(DNSBuffer):
                 pointers += 1
                 if target >= pos or pointers > MAX_POINTERS:
                     raise WireError("compression pointer loop or forward pointer")
+                if target < HEADER_LEN:
+                    raise WireError("compression pointer into the header")
                 if resume is None:
                     resume = pos + 2
                 pos = target
