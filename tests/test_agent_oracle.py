@@ -47,20 +47,20 @@ def test_the_key_names_what_the_rules_read():
     assert checker.request_key(a) == checker.request_key(b) != checker.request_key(c)
 
 
-def test_dns_results_are_cached_per_server_and_name_and_dropped_with_the_engine():
+def test_dns_results_are_cached_per_server_protocol_and_name_and_dropped_with_the_engine():
     from test_dns_proxy import KUBE_DNS, make_oracle
 
     names = ["api.github.com", "API.GitHub.com", "github.com", "support.github.com", "cilium.io"] * 2
     oracle = make_oracle(["tests/data/agent/dns-rules-github.yaml"])  # *.github.com only
     other = make_oracle(["policies/dns/matchname.yaml"])  # any name
     for name in names:
-        got = oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, name)
-        assert got == oracle._dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, name), name
-        assert got is oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, name), "cached"
-    allowed = {n: oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, n).allowed for n in names}
+        got = oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, name)
+        assert got == oracle._dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, name), name
+        assert got is oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, name), "cached"
+    allowed = {n: oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, n).allowed for n in names}
     assert set(allowed.values()) == {True, False}
     oracle.engine = other.engine  # a policy change: nothing cached survives it
     for name in names:
-        assert oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, name) == \
-            other.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, name)
-    assert {n: oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, n).allowed for n in names} != allowed
+        assert oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, name) == \
+            other.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, name)
+    assert {n: oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, n).allowed for n in names} != allowed

@@ -232,7 +232,7 @@ def test_policy(group, case):
     data = build_query(case["query"])
     query = parse_query(data)
     ip, port = address(case["server"])
-    dest = Destination(ip, port, "UDP")
+    dest = Destination(ip, port, case.get("proto", "UDP"))
     verdict = check_policy(oracle, query, dest)
     if case["expect"] == "forward":
         assert verdict.allowed, verdict.reason

@@ -31,7 +31,7 @@ def _result(v: L7Verdict | None, what: str) -> L7Result:
 
 class EngineOracle:
     """Decisions are cached per (direction, peer IP, protocol, port), compiled L7 checkers per
-    merged policy, HTTP results per (checker, request key) and DNS results per (server, name);
+    merged policy, HTTP results per (checker, request key) and DNS results per (server, protocol, name);
     the caches are dropped when the engine is replaced (a policy or registry change) or when
     learning changes the FQDN cache's live (name, IP) pairs, and at least every REFRESH seconds
     of learning (an IP's identity depends on its names, which also expire)."""
@@ -99,25 +99,22 @@ class EngineOracle:
             result = self._http[key] = _result(checker.verdict(request), "HTTP")
         return result
 
-    def dns_verdict(self, server_ip: str, server_port: int, qname: str) -> L7Result:
-        key = (server_ip, server_port, qname)
+    def dns_verdict(self, server_ip: str, server_port: int, proto: str, qname: str) -> L7Result:
+        key = (server_ip, server_port, proto, qname)
         result = self._dns.get(key)
         if result is None:
             if len(self._dns) > self.MAX_CACHED:
                 self._dns.clear()
-            result = self._dns[key] = self._dns_verdict(server_ip, server_port, qname)
+            result = self._dns[key] = self._dns_verdict(server_ip, server_port, proto, qname)
         return result
 
-    def _dns_verdict(self, server_ip: str, server_port: int, qname: str) -> L7Result:
-        verdicts = []
-        for proto in ("UDP", "TCP"):
-            d = self._decision("egress", server_ip, proto, server_port)
-            if d.allowed and d.l7 is not None and d.l7.kind == "dns":
-                verdicts.append(self._checker(d.l7).verdict(qname))
-        allowed = [v for v in verdicts if v.allowed]
-        if allowed:
-            return _result(allowed[0], "DNS")
-        return _result(verdicts[0] if verdicts else None, "DNS")
+    def _dns_verdict(self, server_ip: str, server_port: int, proto: str, qname: str) -> L7Result:
+        """The DNS rules of this very port and protocol (spec 9.2: a name allowed over TCP is
+        not thereby allowed over UDP)."""
+        d = self._decision("egress", server_ip, proto, server_port)
+        if d.allowed and d.l7 is not None and d.l7.kind == "dns":
+            return _result(self._checker(d.l7).verdict(qname), "DNS")
+        return _result(None, "DNS")
 
     async def learn(self, qname: str, ips: list[str], ttl: int) -> None:
         cache = self.engine.cache

@@ -23,8 +23,8 @@ class PolicyOracle(Protocol):
     def http_verdict(self, direction: str, peer_ip: str, port: int, request: HTTPRequest) -> L7Result:
         """direction: 'egress' (this workload is the client) or 'ingress' (it is the server)."""
 
-    def dns_verdict(self, server_ip: str, server_port: int, qname: str) -> L7Result:
-        """May this workload ask `server_ip:server_port` for `qname`?"""
+    def dns_verdict(self, server_ip: str, server_port: int, proto: str, qname: str) -> L7Result:
+        """May this workload ask `server_ip:server_port` over `proto` ("UDP" | "TCP") for `qname`?"""
 
     async def learn(self, qname: str, ips: list[str], ttl: int) -> None:
         """Record qname -> ips and open them for matching toFQDNs; return once the datapath has

@@ -6,7 +6,7 @@ What it does
 
     parse    the query (dnslib, hardened name decoder in `wire.py`); unreadable → FORMERR,
              opcode ≠ QUERY → NOTIMP, shorter than a header or a response → silence
-    policy   `oracle.dns_verdict(server_ip, server_port, qname)`, qname in miekg presentation
+    policy   `oracle.dns_verdict(server_ip, server_port, proto, qname)`, qname in miekg presentation
              form, lower-cased, final dot; denied → REFUSED (or NXDOMAIN), question copied
     forward  to the server the client addressed (original destination), same transport, fresh ID;
              only an answer from that address with an outstanding ID and the same question counts

@@ -141,7 +141,7 @@ class Verdict:
 def check_policy(oracle: PolicyOracle, query: Query, server: Destination) -> Verdict:
     """Step 2: may this workload ask `server` for `query.qname`? Oracle errors → SERVFAIL."""
     try:
-        result = oracle.dns_verdict(server.ip, server.port, query.qname)
+        result = oracle.dns_verdict(server.ip, server.port, server.proto, query.qname)
     except Exception as e:  # noqa: BLE001 - any failure of the oracle is an internal error
         raise DNSProtocolError(f"policy lookup failed: {e!r}", SERVFAIL,
                                error_reply(query.header, SERVFAIL, query.question)) from None
