@@ -334,8 +334,27 @@ def test_answers_on_another_upstream_do_not_count():
 def test_upstream_ids_are_unique_per_upstream():
     query = parse_query(build_query({"name": "api.github.com"}))
     table = Outstanding()
-    ids = {table.register("tcp-conn", query, KUBE_DNS).upstream_id for _ in range(2000)}
-    assert len(ids) == 2000
+    ids = {table.register("tcp-conn", query, KUBE_DNS).upstream_id for _ in range(table.max_per_upstream)}
+    assert len(ids) == table.max_per_upstream
+
+
+def test_queries_waiting_on_one_upstream_are_bounded():
+    """Beyond `max_per_upstream` SERVFAIL at once (65536 waiting left no free ID to draw: the
+    loop drawing one never ended); other upstreams are not affected; an answer frees a place."""
+    query = parse_query(build_query({"name": "api.github.com", "id": 0x4242}))
+    table = Outstanding(max_per_upstream=3)
+    waiting = [table.register("up-1", query, KUBE_DNS) for _ in range(3)]
+    with pytest.raises(DNSProtocolError) as info:
+        table.register("up-1", query, KUBE_DNS)
+    assert info.value.rcode == SERVFAIL and wire.parse_header(info.value.reply).id == 0x4242
+    table.register("up-2", query, KUBE_DNS)
+    table.cancel(waiting[0])
+    table.cancel(waiting[0])  # twice: counted once
+    table.register("up-1", query, KUBE_DNS)
+    with pytest.raises(DNSProtocolError):
+        table.register("up-1", query, KUBE_DNS)
+    assert len(table.cancel_all("up-1")) == 3 and len(table) == 1
+    assert len([table.register("up-1", query, KUBE_DNS) for _ in range(3)]) == 3
 
 
 @pytest.mark.parametrize("case", cases("tcp_framing.yaml"))

@@ -566,6 +566,32 @@ def test_unreachable_resolver_is_servfail(own_policy):
         "a refused upstream socket is closed"
 
 
+def test_queries_waiting_on_one_upstream_and_upstream_sockets_are_bounded(own_policy):
+    """A client whose queries are never answered cannot use up the upstream IDs (65536 waiting
+    on one socket left no free ID: the proxy's loop spun for ever) nor the proxy's sockets."""
+    proxy = own_policy.proxy
+    own_policy.loop.run(_sweep(proxy))  # the sockets left by other tests: only the test's count
+    proxy.outstanding.max_per_upstream, proxy.MAX_UDP_UPSTREAMS = 2, len(proxy._udp_upstreams) + 2
+    try:
+        qs = [query("api.github.com", qid=0x0E01 + i) for i in range(3)]
+        (reply,) = own_policy.workload.udp(qs[0], more=tuple(qs[1:]), server=SILENT, count=1,
+                                           timeout=UPSTREAM_TIMEOUT / 2)
+        answer = DNSRecord.parse(bytes.fromhex(reply["data"]))
+        assert (answer.header.id, answer.header.rcode) == (0x0E03, RCODE.SERVFAIL), "the third"
+        own_policy.workload.udp(qs[0], server=SILENT, count=0, timeout=0.05)  # a 2nd client socket
+        (reply,) = own_policy.workload.udp(qs[1], server=SILENT, timeout=UPSTREAM_TIMEOUT / 2)
+        answer = DNSRecord.parse(bytes.fromhex(reply["data"]))
+        assert (answer.header.id, answer.header.rcode) == (0x0E02, RCODE.SERVFAIL), "a 3rd socket"
+        time.sleep(UPSTREAM_TIMEOUT + 0.3)
+        assert len(proxy.outstanding) == 0
+        (reply,) = own_policy.workload.udp(query("api.github.com", qid=0x0E09))
+        assert addresses(DNSRecord.parse(bytes.fromhex(reply["data"]))) == ["192.0.2.10"], \
+            "once they time out, queries are forwarded again"
+    finally:
+        proxy.outstanding.max_per_upstream, proxy.MAX_UDP_UPSTREAMS = \
+            type(proxy.outstanding)().max_per_upstream, type(proxy).MAX_UDP_UPSTREAMS
+
+
 def test_queries_from_one_client_socket_share_one_upstream_socket(mediabot):
     names = [("api.github.com", 0x0D01), ("www.github.com", 0x0D02), ("nope.github.com", 0x0D03)]
     (first, qid), rest = names[0], names[1:]

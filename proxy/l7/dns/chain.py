@@ -194,15 +194,25 @@ class RandomIDs:
 @dataclass
 class Outstanding:
     """Forwarded queries by (upstream socket or connection, upstream ID); answers are matched
-    against the ID, the question and the source address."""
+    against the ID, the question and the source address.
+
+    At most `max_per_upstream` queries wait on one upstream (beyond: SERVFAIL): a client that
+    never lets its queries be answered cannot use up the 65536 IDs, after which no free ID would
+    be found."""
     _by_key: dict[tuple[Hashable, int], Pending] = field(default_factory=dict)
     random_id: Callable[[], int] = field(default_factory=lambda: RandomIDs().next, repr=False)
+    max_per_upstream: int = 1024
+    _per_upstream: dict[Hashable, int] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def register(self, upstream: Hashable, query: Query, server: Destination,
                  upstream_id: int | None = None) -> Pending:
+        waiting = self._per_upstream.get(upstream, 0)
+        if waiting >= self.max_per_upstream:
+            raise DNSProtocolError(f"{waiting} queries already wait on this upstream", SERVFAIL,
+                                   error_reply(query.header, SERVFAIL, query.question))
         if upstream_id is None:
             upstream_id = self.random_id()
             while (upstream, upstream_id) in self._by_key:
@@ -212,11 +222,18 @@ class Outstanding:
         pending = Pending(upstream, upstream_id, query, server,
                           struct.pack("!H", upstream_id) + query.raw[2:])
         self._by_key[(upstream, upstream_id)] = pending
+        self._per_upstream[upstream] = waiting + 1
         return pending
 
     def cancel(self, pending: Pending) -> None:
         if self._by_key.get((pending.upstream, pending.upstream_id)) is pending:
             del self._by_key[(pending.upstream, pending.upstream_id)]
+            upstream = pending.upstream
+            waiting = self._per_upstream[upstream] - 1
+            if waiting:
+                self._per_upstream[upstream] = waiting
+            else:
+                del self._per_upstream[upstream]
 
     def cancel_all(self, upstream: Hashable) -> list[Pending]:
         gone = [p for (u, _), p in self._by_key.items() if u == upstream]

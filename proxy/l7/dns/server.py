@@ -117,7 +117,7 @@ class Server:
     """One DNS proxy (UDP + TCP on the same address). Build it with `serve()`."""
 
     MAX_REPLY_SOCKETS = 64
-    MAX_UDP_UPSTREAMS = 4096  # beyond: idle ones are closed first
+    MAX_UDP_UPSTREAMS = 4096  # beyond: idle ones are closed first; if none is idle, SERVFAIL
     UDP_IDLE = 10.0  # seconds an upstream socket is kept without a query
 
     def __init__(self, oracle: PolicyOracle, *, on_flow: FlowCallback | None = None,
@@ -317,6 +317,8 @@ class Server:
         if up is None or up.closed:
             if len(self._udp_upstreams) >= self.MAX_UDP_UPSTREAMS:
                 self._sweep_udp(idle=0.0)
+                if len(self._udp_upstreams) >= self.MAX_UDP_UPSTREAMS:
+                    raise UpstreamFailed(f"{len(self._udp_upstreams)} upstream sockets wait for answers")
             up = self._udp_upstreams[key] = _UDPUpstream(self, key, server)
         return up
 
