@@ -231,14 +231,22 @@ def _tokens(value: str) -> list[str]:
 
 
 class _Chunked:
-    """Where a chunked body ends, strictly (RFC 9112 7.1): sizes, CRLFs, trailer fields."""
-    __slots__ = ("state", "remaining", "trailer_bytes")
+    """Where a chunked body ends, strictly (RFC 9112 7.1): sizes, CRLFs, trailer fields.
+    A line that arrives in pieces is searched for its end once (`partial`: bytes of it already
+    searched), not again from its start at every piece."""
+    __slots__ = ("state", "remaining", "trailer_bytes", "partial")
     SIZE, DATA, DATA_END, TRAILER = range(4)
 
     def __init__(self) -> None:
         self.state = self.SIZE
         self.remaining = 0
         self.trailer_bytes = 0
+        self.partial = 0
+
+    def _line_end(self, buf: bytearray, pos: int, end: int) -> int:
+        i = buf.find(b"\r\n", pos + max(self.partial - 1, 0), end)
+        self.partial = end - pos if i < 0 else 0
+        return i
 
     def scan(self, buf: bytearray, pos: int) -> tuple[int, bool]:
         """Consume what is complete from `pos`: (new position, whether the body ended)."""
@@ -260,7 +268,7 @@ class _Chunked:
                 pos += 2
                 self.state = self.SIZE
             elif st == self.SIZE:
-                i = buf.find(b"\r\n", pos, end)
+                i = self._line_end(buf, pos, end)
                 if i < 0 or i - pos > MAX_LINE:
                     if end - pos > MAX_LINE:
                         raise _Bad(400, "chunk-size line too long")
@@ -276,7 +284,7 @@ class _Chunked:
                 else:
                     self.state = self.TRAILER
             else:  # TRAILER: field lines, then an empty line
-                i = buf.find(b"\r\n", pos, end)
+                i = self._line_end(buf, pos, end)
                 if i < 0:
                     if end - pos + self.trailer_bytes > MAX_HEAD:
                         raise _Bad(400, "trailer section too large")
