@@ -14,7 +14,9 @@ Three pieces, plain objects with no socket and no logging (the clock is a parame
 
 `ResponseReader` (upstream side): the same for responses, told the method of the request each
   response answers (HEAD, CONNECT), so 1xx/204/304/HEAD responses have no body, a 101 or a 2xx
-  to CONNECT switches to a tunnel, and a body without length runs to EOF. Response heads of
+  to CONNECT switches to a tunnel (a 2xx to CONNECT with Content-Length or Transfer-Encoding,
+  which RFC 9110 forbids, is a 502: a server that sends one is not tunnelling), and a body
+  without length runs to EOF. Response heads of
   the plainest shape (see _SIMPLE_RESPONSE) are read by a regex alone; llhttp reads the others.
 
 `ProxyConnection` ties them to a verdict function `check(HTTPRequest) -> L7Result` and turns
@@ -47,6 +49,8 @@ Decisions (see the HTTP proxy section of issue 3):
   * a denied request: `403` with Envoy's headers and `Access denied\\r\\n`; the connection stays
     open and its body is read and discarded, except when the client sent `Expect: 100-continue`
     with a body (it may never send it): then `connection: close` and close. HEAD gets no body.
+    A request that is not kept alive (`Connection: close`, HTTP/1.0) is the last one read, an
+    upgrade or CONNECT included.
   * an error while streaming the body of a forwarded request closes both connections without an
     answer (the upstream already has part of the request).
 """
@@ -811,6 +815,8 @@ class ResponseReader(_Reader):
             self._state = self.HEAD
             return ResponseHead(status, version, head, keep_alive, interim=True)
         if method == "CONNECT" and 200 <= status < 300:
+            if te is not None or cl is not None:  # RFC 9110 9.3.6: a server MUST NOT send them
+                raise _Bad(502, "Content-Length or Transfer-Encoding in a 2xx to CONNECT")
             self._state = self.DONE
             return ResponseHead(status, version, head, False, switch=True)
         if method == "HEAD" or status in (204, 304):
@@ -1134,7 +1140,8 @@ class ProxyConnection:
                 cur = self._current
                 self._current = None
                 if cur is not None and cur.upgrade and cur.local is not None:
-                    reader.resume()  # denied upgrade: the connection stays HTTP
+                    # a denied upgrade: the connection stays HTTP, unless it closes after the 403
+                    reader.stop() if cur.close else reader.resume()
             elif t is ProtocolError:
                 self._on_request_error(ev)
             else:  # NEED_DATA, PAUSED
