@@ -129,7 +129,11 @@ def _service_peers(services: list[api.Service], known: list[Service]) -> list[Pe
 
 def _peers(pr: api.PeerRule, kind: str, namespace: str, cluster: str, subject_is_init: bool,
            services: list[Service]) -> tuple[PeerSelector, ...] | None:
-    """The peer selectors of one entry; None = no L3 constraint was written."""
+    """The peer selectors of one entry; None = no L3 constraint was written. An explicit `[]` in
+    endpoints, CIDR, CIDR set, entities or nodes selects nothing, whatever else the entry names
+    (spec §2.2; Cilium drops the entry's whole L3 then)."""
+    if any(f is not None and not f for f in (pr.endpoints, pr.cidr, pr.cidr_set, pr.entities, pr.nodes)):
+        return ()
     scope = lambda s: _scoped_peer(s, kind, namespace, cluster, subject_is_init)  # noqa: E731
     if pr.endpoints is not None:
         if kind == KNP:
@@ -172,10 +176,11 @@ def _port_specs(pp: api.PortProtocol) -> list[PortSpec]:
     port = sanitize.parse_port(pp.port) if pp.port != "" else 0
     if isinstance(port, str):
         return [PortSpec(p, 0, 0, port) for p in protos]
-    if port == 0:
+    end = pp.end_port or 0
+    if port == 0 and end in (0, 65535):  # spec §2.3: "0" alone is all ports, "0" to N a range
         lo, hi = 0, 65535
     else:
-        lo, hi = port, max(port, pp.end_port or 0)
+        lo, hi = port, max(port, end)
     return [PortSpec(p, lo, hi) for p in protos]
 
 
@@ -189,7 +194,7 @@ def _entries(pr: api.PeerRule, path: str, ref: api.PolicyRef, log: str, peers) -
                 t = sanitize.icmp_type_number(family, f.type)
                 specs.append(PortSpec(ICMP_PROTO[family], t, t))
         return [Entry(pr.direction, pr.deny, peers, tuple(specs), origin)]
-    if pr.to_ports is None:
+    if not pr.to_ports:  # `toPorts: []` is no port constraint, as absent (Cilium counts them)
         if pr.endpoints is None and pr.cidr is None and pr.cidr_set is None and pr.entities is None \
                 and pr.nodes is None and pr.services is None and pr.groups is None and not pr.fqdns:
             return []  # `ingress: [{}]`: makes the direction enforced, allows nothing
@@ -201,12 +206,12 @@ def _entries(pr: api.PeerRule, path: str, ref: api.PolicyRef, log: str, peers) -
             continue  # a PortRule with rules but no ports contributes nothing (spec §6.3)
         kind, http, dns = None, (), ()
         rules = port_rule.rules
-        if rules is not None:
-            if rules.http is not None:
+        if rules is not None:  # an empty list of rules is no L7 enforcement (spec §2.3)
+            if rules.http:
                 kind, http = "http", tuple(rules.http)
-            elif rules.dns is not None:
+            elif rules.dns:
                 kind, dns = "dns", tuple(rules.dns)
-            elif rules.kafka is not None:
+            elif rules.kafka:
                 kind = "kafka"
             elif rules.l7proto:
                 kind = "l7proto"
