@@ -6,10 +6,11 @@ reads these, never the api objects.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from proxy.policy import api, sanitize
 from proxy.policy.endpoint import Service
+from proxy.policy.labels import ANY as ANY_SOURCE
 from proxy.policy.labels import (CLUSTER, K8S, NAMESPACE_LABELS, POD_NAMESPACE, RESERVED, Label,
                                  LabelSet, split_key)
 from proxy.policy.selector import (EXISTS, IN, WILDCARD, EndpointSelector,
@@ -228,9 +229,16 @@ def compile_rule(rule: api.Rule, path: str, ref: api.PolicyRef, services: list[S
                  cluster: str) -> CompiledRule:
     kind, namespace = ref.kind, ref.namespace or "default"
     host_policy = rule.node_selector is not None
-    subject = from_api(rule.node_selector if host_policy else rule.endpoint_selector or api.LabelSelector())
+    written = rule.node_selector if host_policy else rule.endpoint_selector or api.LabelSelector()
     if kind in (CNP, KNP) and not host_policy:
-        subject = subject.with_req(Req(K8S, POD_NAMESPACE, IN, frozenset([namespace])), replace=True)
+        # Cilium sets the k8s: namespace label in matchLabels (spec §1.4): a user value for that
+        # key is overwritten; matchExpressions on it, and an `any:` namespace key, stay (ANDed)
+        labels = {k: v for k, v in written.match_labels.items()
+                  if split_key(k, ANY_SOURCE) != (K8S, POD_NAMESPACE)}
+        written = replace(written, match_labels=labels)
+        subject = from_api(written).with_req(Req(K8S, POD_NAMESPACE, IN, frozenset([namespace])))
+    else:
+        subject = from_api(written)
     subject_is_init = subject.has_key("init", sources=(RESERVED,))
     compiled = CompiledRule(subject, host_policy, Origin(ref, path, rule.pos, rule.log))
     for yaml_name, direction, deny in _LISTS:

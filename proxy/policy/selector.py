@@ -101,9 +101,8 @@ class EndpointSelector:
     def has_source(self, source: str) -> bool:
         return any(r.source == source for r in self.reqs)
 
-    def with_req(self, req: Req, replace: bool = False) -> "EndpointSelector":
-        reqs = [r for r in self.reqs if not (replace and r.source == req.source and r.key == req.key)]
-        return EndpointSelector(tuple(reqs) + (req,))
+    def with_req(self, req: Req) -> "EndpointSelector":
+        return EndpointSelector(self.reqs + (req,))
 
     def selects(self, identity: Identity) -> bool:
         return self.matches(identity.labels)
