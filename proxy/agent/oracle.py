@@ -25,7 +25,7 @@ def _result(v: L7Verdict | None, what: str) -> L7Result:
     policies = tuple({tuple(d.items()): d for d in (o.ref.as_dict() for o in origins)}.values())
     if v.allowed:
         return L7Result(True, policies, "allowed by an allow without L7 rules" if v.allow_all
-                        else f"{what} rule matched")
+                        else f"{what} rule matched", v.header_edits)
     return L7Result(False, policies, f"no {what} rule matched")
 
 

@@ -48,6 +48,7 @@ class L7Verdict:
     allow_all: bool
     matched: list[Origin] = field(default_factory=list)
     rules: list[tuple[str, Origin]] = field(default_factory=list)  # (rule text, origin)
+    header_edits: tuple = ()  # httpmatch.HeaderEdit: headerMatches mismatch actions to apply
 
 
 @dataclass
@@ -211,9 +212,12 @@ class L7Checker:
     def __init__(self, policy: L7Policy) -> None:
         self.policy = policy
         self.header_names: tuple[str, ...] = ()
+        self.actions: tuple[httpmatch.HTTPRuleMatcher, ...] = ()  # all rules, if any has actions
         if policy.kind == "http":
             matchers = [httpmatch.compile_rule(r) for r, _ in policy.http]
             self.rules = [(m.matches, o) for m, (_, o) in zip(matchers, policy.http)]
+            if any(m.actions for m in matchers):
+                self.actions = tuple(matchers)
             self.listed = [(_http_text(r), o) for r, o in policy.http]
             self.header_names = tuple(sorted({h.name.lower() for m in matchers
                                               for h in (*m.required, *m.actions)}))
@@ -241,6 +245,10 @@ class L7Checker:
             return L7Verdict(p.kind, None, p.allow_all, [], self.listed)
         if p.allow_all:
             return L7Verdict(p.kind, True, True, [], self.listed)
+        if self.actions:  # every rule evaluated in order, each seeing the edits before it (§8.1)
+            result = httpmatch.match_any(self.actions, request)
+            matched = [self.rules[i][1] for i in result.matched]
+            return L7Verdict(p.kind, result.allowed, False, matched, self.listed, result.header_edits)
         matched = [o for check, o in self.rules if check(request)]
         return L7Verdict(p.kind, bool(matched), False, matched, self.listed)
 

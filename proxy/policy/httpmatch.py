@@ -134,6 +134,7 @@ class MatchResult:
     rule_index: int | None = None  # the first rule that matched (match_any), for `trace`
     header_edits: tuple[HeaderEdit, ...] = ()
     logs: tuple[HeaderLog, ...] = ()
+    matched: tuple[int, ...] = ()  # match_any: every rule that matched (all evaluated) or the first
 
 
 def apply_edits(request: HTTPRequest, edits: Iterable[HeaderEdit]) -> HTTPRequest:
@@ -273,21 +274,21 @@ def match_any(rules: Sequence[HTTPRuleMatcher], request: HTTPRequest) -> MatchRe
     if not rules:
         return MatchResult(True)
     exhaustive = any(r.actions for r in rules)
-    first = None
+    matched: list[int] = []
     edits: list[HeaderEdit] = []
     logs: list[HeaderLog] = []
     for i, rule in enumerate(rules):
         result = rule.match(request)
         if not result.allowed:
             continue
-        if first is None:
-            first = i
+        matched.append(i)
         if not exhaustive:
             break
         edits += result.header_edits
         logs += result.logs
         request = apply_edits(request, result.header_edits)
-    return MatchResult(first is not None, first, tuple(edits), tuple(logs))
+    first = matched[0] if matched else None
+    return MatchResult(first is not None, first, tuple(edits), tuple(logs), tuple(matched))
 
 
 # --- path normalisation ---------------------------------------------------------------------
