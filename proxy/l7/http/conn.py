@@ -44,7 +44,8 @@ Decisions (see the HTTP proxy section of issue 3):
     501 to other codings; we answer 400 like every other smuggling attempt); CL+TE, repeated or
     non-numeric Content-Length, obs-fold, bare CR/LF, CTL/NUL/space in the target, unknown or
     lowercase methods (llhttp knows the registered methods; `post` is not one), versions other
-    than 1.0/1.1, missing or repeated Host on HTTP/1.1 -> 400 and close. An Upgrade or CONNECT
+    than 1.0/1.1, missing or repeated Host on HTTP/1.1, a Host with characters no authority has
+    (space, `/ ? # \\`, quotes, controls, non-ASCII: Envoy's check) -> 400 and close. An Upgrade or CONNECT
     request with a body -> 400 (llhttp would treat the body as tunnel data).
   * a denied request: `403` with Envoy's headers and `Access denied\\r\\n`; the connection stays
     open and its body is read and discarded, except when the client sent `Expect: 100-continue`
@@ -206,6 +207,10 @@ def _plain_target(end: bytes) -> bytes:
 
 
 _PLAIN_TARGET = re.compile(_plain_target(rb"\Z"))
+# What Envoy accepts as an authority (nghttp2_check_authority): no space, '/', '?', '#', '\\',
+# quotes, controls or non-ASCII; a Host such as `evil.net/.example.com` is answered 400 (a suffix
+# host rule would match it; many backends read evil.net)
+_HOST = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@\[\]%]*+")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(b"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
 # Heads of the commonest shape: a start line, then field lines `token:` OWS value OWS CRLF whose
@@ -493,7 +498,7 @@ class RequestReader(_Reader):
                 conn += _tokens(value)
             else:
                 return None
-        if host is None and minor == b"1":
+        if (host is None and minor == b"1") or (host is not None and _HOST.fullmatch(host) is None):
             return None
         parser = self._parser
         if parser is None:
@@ -571,6 +576,8 @@ class RequestReader(_Reader):
             raise _Bad(400, "more than one Host header")
         if hosts == 0 and version == "1.1":
             raise _Bad(400, "missing Host header")
+        if host is not None and _HOST.fullmatch(host) is None:
+            raise _Bad(400, "invalid Host header")
         if cls > 1:
             raise _Bad(400, "more than one Content-Length")
         if te and cl is not None:
