@@ -64,3 +64,19 @@ def test_dns_results_are_cached_per_server_protocol_and_name_and_dropped_with_th
         assert oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, name) == \
             other.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, name)
     assert {n: oracle.dns_verdict(KUBE_DNS.ip, KUBE_DNS.port, KUBE_DNS.proto, n).allowed for n in names} != allowed
+
+
+def test_results_of_long_requests_are_checked_but_not_remembered():
+    """The client chooses the path: a cache of 65536 paths of 64 KB each would hold 4 GB."""
+    ORACLE.forget()
+    peer = PEERS["tiefighter"]
+    pad = "a" * ORACLE.MAX_KEY_CHARS
+    verdicts = []
+    for path in ("/public?" + pad, "/secure" + pad, "/public?" + pad):
+        request = HTTPRequest("GET", path, "deathstar", ())
+        got = ORACLE.http_verdict("ingress", peer, 8080, request)
+        assert got == uncached(ORACLE, peer, 8080, request)
+        verdicts.append(got.allowed)
+    assert verdicts == [True, False, True] and ORACLE._http == {}
+    ORACLE.http_verdict("ingress", peer, 8080, HTTPRequest("GET", "/public", "deathstar", ()))
+    assert len(ORACLE._http) == 1, "short ones are"

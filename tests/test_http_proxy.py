@@ -349,6 +349,25 @@ def test_simple_response_heads_are_read_as_llhttp_reads_them():
     assert simple > 300  # enough heads took the short way for the comparison to mean something
 
 
+def test_flows_keep_client_chosen_texts_clipped_and_forward_them_whole():
+    """The observer keeps thousands of flows: a 50 KB path each would be gigabytes."""
+    from proxy.l7.oracle import L7Result
+    core = http.ProxyConnection(lambda r: L7Result(True), authority="deathstar")
+    target = "/public?" + "a" * 50000
+    head = f"GET {target} HTTP/1.1\r\nHost: {'h' * 5000}\r\n\r\n".encode()
+    out = core.client_data(head) + core.upstream_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert b"".join(c.data for c in out if isinstance(c, http.SendUpstream)) == head
+    (flow,) = [c for c in out if isinstance(c, http.Flow)]
+    limit = http.MAX_FLOW_TEXT
+    assert flow.path == target[:limit] + f"...({len(target) - limit} more)" == flow.target
+    assert flow.host == "h" * limit + "...(904 more)"
+    assert len(flow.record["url"]) < 3 * limit
+    short = http.ProxyConnection(lambda r: L7Result(True))
+    out = short.client_data(b"GET /p HTTP/1.1\r\nHost: d\r\n\r\n") + short.upstream_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+    (flow,) = [c for c in out if isinstance(c, http.Flow)]
+    assert (flow.host, flow.path, flow.target) == ("d", "/p", "/p")
+
+
 def test_header_edits_from_the_verdict_are_applied_to_the_forwarded_head():
     from proxy.l7.oracle import L7Result
     from proxy.policy.httpmatch import HeaderEdit

@@ -37,6 +37,8 @@ class EngineOracle:
     of learning (an IP's identity depends on its names, which also expire)."""
 
     MAX_CACHED = 65536  # entries per cache: many peers or paths must not grow memory
+    MAX_KEY_CHARS = 1024  # an HTTP result is remembered only for a request key this short: the
+    # client chooses the path (up to the 64 KB head), 65536 such keys would hold 4 GB
     REFRESH = 1.0  # seconds: learning forgets the caches at least this often
 
     def __init__(self, engine: Engine, endpoint_name: str, open_ips: OpenIPs | None = None,
@@ -91,12 +93,15 @@ class EngineOracle:
         if d.l7 is None or d.l7.kind != "http":
             return L7Result(True, reason="no HTTP rules on this port")
         checker = self._checker(d.l7)
-        key = (id(checker), checker.request_key(request))  # the checker lives as long as the cache
+        request_key = checker.request_key(request)
+        key = (id(checker), request_key)  # the checker lives as long as the cache
         result = self._http.get(key)
         if result is None:
-            if len(self._http) > self.MAX_CACHED:
-                self._http.clear()
-            result = self._http[key] = _result(checker.verdict(request), "HTTP")
+            result = _result(checker.verdict(request), "HTTP")
+            if sum(map(len, filter(None, request_key))) <= self.MAX_KEY_CHARS:
+                if len(self._http) > self.MAX_CACHED:
+                    self._http.clear()
+                self._http[key] = result
         return result
 
     def dns_verdict(self, server_ip: str, server_port: int, proto: str, qname: str) -> L7Result:

@@ -79,6 +79,7 @@ __all__ = [
 MAX_HEAD = 64 * 1024  # request or response head (request-line + headers); beyond: 431 / 502
 MAX_HEADERS = 100  # header fields per head (Envoy's default); beyond: 431
 MAX_LINE = 4096  # a chunk-size line, extensions included
+MAX_FLOW_TEXT = 4096  # characters of host, path or target a flow keeps
 MAX_PIPELINE = 64  # requests read ahead of their responses before the reader stops pulling
 
 
@@ -921,10 +922,18 @@ class _Pending:
         self.t1 = t0
 
 
+def _clip(text: str | None) -> str | None:
+    """A client-chosen text as a flow keeps it: at most MAX_FLOW_TEXT characters (the observer
+    keeps thousands of flows; 64 KB paths would make that gigabytes)."""
+    if text is None or len(text) <= MAX_FLOW_TEXT:
+        return text
+    return f"{text[:MAX_FLOW_TEXT]}...({len(text) - MAX_FLOW_TEXT} more)"
+
+
 class Flow:
     """One request done (answered, refused or tunnelled): what its flow says, copied out of the
     request's objects so that those die with the request (the observer keeps flows a while);
-    `record` is built only when read."""
+    `record` is built only when read. Host, path and target are clipped (`_clip`)."""
     __slots__ = ("verdict", "code", "method", "protocol", "policies", "latency_us", "reason",
                  "host", "path", "target", "normalised", "authority")
 
@@ -945,6 +954,8 @@ class Flow:
             request = head.request
             self.method, self.protocol = head.method, f"HTTP/{head.version}"
             self.host, self.path, self.target = request.host, request.path, head.target
+            if len(head.raw) * 3 > MAX_FLOW_TEXT:  # (else none is longer, %XX escapes included)
+                self.host, self.path, self.target = _clip(self.host), _clip(self.path), _clip(self.target)
             self.normalised = head.new_target is not None
 
     @property
