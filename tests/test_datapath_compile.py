@@ -26,7 +26,7 @@ CASES = yaml.safe_load((DATA / "compile_cases.yaml").read_text())["cases"]
 
 def entry(direction_case: dict) -> MapEntry:
     c = direction_case
-    l7 = L7Policy(c["l7"], allow_all=True) if c.get("l7") else None
+    l7 = L7Policy(c["l7"], allow_all=c.get("allow_all", False)) if c.get("l7") else None
     return MapEntry(256, c["proto"], 80, 80, c["verdict"], c.get("reason"), l7)
 
 
@@ -75,7 +75,7 @@ def test_entries_land_in_their_maps_keyed_by_identity_protocol_and_ports():
     assert "0x100 . 8 : goto ingress_allow," in script  # ICMP echo request in ingress_icmp4
     assert "0x12c . udp . 53 : goto egress_dns," in script
     assert "0x12c . tcp . 22 : goto egress_deny," in script
-    assert "0x1000001 . tcp . 9092 : goto egress_allow," in script  # kafka: not proxied
+    assert "0x1000001 . tcp . 9092 : goto egress_allow," in script  # kafka, with an allow-all
     assert "192.0.2.10 timeout 30s : 0x1000001," in script
     assert "192.0.2.11 : 0x1000001," in script  # no TTL: no timeout
     assert "10.1.0.2 : 0x100," in script and "10.1.0.4-10.255.255.255 : 0x1000002," in script

@@ -59,8 +59,10 @@ Verdicts are small chains (`<dir>_allow`, `<dir>_deny`, ...) reached by `goto` f
              `log group 1 prefix "l7gate:<dir>:ALLOWED"` (mark = peer identity), then allow;
              plain allows and the default-allow fallback go here, so flows can show allowed
              NEW connections (the packet itself stays in the kernel)
-  deny    -> rate-limited `log group 1 prefix "l7gate:<dir>:POLICY_DENY"` (explicit deny) or
-             `...:POLICY_DENIED` (default deny), logged while the mark is the peer identity;
+  deny    -> rate-limited `log group 1 prefix "l7gate:<dir>:POLICY_DENY"` (explicit deny),
+             `...:AUTH_REQUIRED` (chain `<dir>_auth`: an allow that requires mutual
+             authentication, which l7gate never gives) or `...:POLICY_DENIED` (default deny),
+             logged while the mark is the peer identity;
              then a silent drop: the client hangs. Ingress drops right there (receive path,
              nobody is told). On egress a `drop` in the output hook would return EPERM to the
              sender (UDP sendto and ping fail at once instead of hanging), so the packet is
@@ -80,8 +82,9 @@ Verdicts are small chains (`<dir>_allow`, `<dir>_deny`, ...) reached by `goto` f
              the original server with IP_RECVORIGDSTADDR / getsockname). No proxy socket -> drop;
              no policy routing -> dropped in postrouting, never sent to the server unproxied.
              IPv6 DNS is TPROXYed to [::1]:dns_port: dropped unless the proxy listens there.
-  other L7 kinds (kafka, l7proto), HTTP on UDP/SCTP and DNS on ingress are plain allows: no
-  proxy exists for them here (documented gap, see `redirect_target`).
+  other L7 kinds (kafka, l7proto, TLS serverNames) have no proxy here: their redirect entries
+  drop (`<dir>_denied`, fail closed) unless an allow without L7 covers the peer (then every
+  request would be allowed: accept); HTTP on UDP/SCTP is a plain allow.
 `<dir>_allow` also replaces our redirect ct marks on new connections (with the stamp), so a
 connection a newer policy merely allows is not redirected on the strength of an older one.
 The input chain drops connections that reach a proxy port without having been redirected, so
@@ -108,7 +111,8 @@ from proxy.datapath.constants import (
 )
 from proxy.datapath.state import DatapathState
 from proxy.policy.mapstate import ALLOW, DENY, REDIRECT, MapEntry
-from proxy.policy.repository import DEFAULT_ALLOW, DEFAULT_DENY, OFF, POLICY_DENY
+from proxy.policy.repository import (AUTH_REQUIRED, DEFAULT_ALLOW, DEFAULT_DENY, OFF, POLICY_DENY,
+                                     UNCHECKED_L7)
 
 DIRECTIONS = ("ingress", "egress")
 PEER = {"ingress": "saddr", "egress": "daddr"}  # which address names the peer
@@ -123,6 +127,8 @@ ALLOWED = "ALLOWED"  # NFLOG prefix reason of an allowed NEW connection (compile
 FQDN_MAPS = ("fqdn", "fqdnz")  # DNS-learned address -> identity: for new connections, for established
 STAMP = "@STAMP@"  # stands for the table's stamp (`table_stamp`) until the text is complete
 ZOMBIE_GRACE = 120  # seconds an established connection may outlive the TTL of its peer's DNS answer
+DROP_CHAINS = {POLICY_DENY: "deny", AUTH_REQUIRED: "auth"}  # drop reason -> its chain (logged
+# with that reason); any other drop goes to `<dir>_denied` (POLICY_DENIED)
 
 
 # -- verdicts -----------------------------------------------------------------------------------
@@ -141,10 +147,14 @@ def verdict_chain(direction: str, entry: MapEntry) -> str:
     if entry.verdict == ALLOW:
         return f"{direction}_allow"
     if entry.verdict == DENY:
-        return f"{direction}_deny" if entry.drop_reason == POLICY_DENY else f"{direction}_denied"
+        return f"{direction}_{DROP_CHAINS.get(entry.drop_reason, 'denied')}"
     if entry.verdict == REDIRECT:
         target = redirect_target(direction, entry)
-        return f"{direction}_{target}" if target else f"{direction}_allow"
+        if target:
+            return f"{direction}_{target}"
+        # L7 rules without an l7gate proxy: closed, unless an allow without L7 covers the peer
+        unchecked = entry.l7.kind in UNCHECKED_L7 and not entry.l7.allow_all
+        return f"{direction}_denied" if unchecked else f"{direction}_allow"
     raise ValueError(f"unknown verdict {entry.verdict!r}")
 
 
@@ -333,8 +343,8 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
     # is tagged instead, rerouted to lo by the route chain and dropped in prerouting: the client
     # hangs, as behind Cilium's drop in the datapath.
     drop = "drop" if d == "ingress" else f"meta mark set {EGRESS_DROP_TAG:#x} accept"
-    for reason, chain in (("POLICY_DENIED", f"{d}_denied"), ("POLICY_DENY", f"{d}_deny")):
-        out += _chain(chain, [f"{LOG_LIMIT} log group {NFLOG_GROUP} prefix {_quote(f'l7gate:{d}:{reason}')}",
+    for reason, name in (("POLICY_DENIED", "denied"), *DROP_CHAINS.items()):
+        out += _chain(f"{d}_{name}", [f"{LOG_LIMIT} log group {NFLOG_GROUP} prefix {_quote(f'l7gate:{d}:{reason}')}",
                               drop])
     if log_allowed:
         out += _chain(f"{d}_allowed", [

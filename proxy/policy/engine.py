@@ -224,7 +224,7 @@ class L7Checker:
         elif policy.kind == "dns":
             self.rules = [(_dns_matcher(r).matches, o) for r, o in policy.dns]
             self.listed = [(_dns_text(r), o) for r, o in policy.dns]
-        else:  # kafka / generic l7proto: not proxied by l7gate; requests are not checked
+        else:  # kafka, l7proto, tls: no l7gate proxy checks these (UNCHECKED_L7): closed
             self.rules, self.listed = [], []
 
     def request_key(self, request: httpmatch.HTTPRequest) -> tuple:
@@ -239,8 +239,8 @@ class L7Checker:
     def verdict(self, request) -> L7Verdict:
         """`request`: an HTTPRequest for HTTP, a query name for DNS."""
         p = self.policy
-        if p.kind not in ("http", "dns"):
-            return L7Verdict(p.kind, None, p.allow_all)
+        if p.kind not in ("http", "dns"):  # nothing to check them with: only an allow-all opens
+            return L7Verdict(p.kind, p.allow_all, p.allow_all)
         if not request:
             return L7Verdict(p.kind, None, p.allow_all, [], self.listed)
         if p.allow_all:

@@ -4,8 +4,8 @@ This is the last engine stage (Cilium `mapstate.go`): the datapath compiles only
 For each peer identity and protocol the port space is cut where any entry's range starts or
 ends; each piece gets the decision `DirectionPolicy.lookup` gives for it (the same code `trace`
 uses), and neighbouring pieces with the same decision are merged. Emitted: pieces whose verdict
-differs from the direction's default, redirects, and explicit denies (so a kernel drop can say
-POLICY_DENY rather than POLICY_DENIED even where the default is deny).
+differs from the direction's default, redirects, and explicit denies and AUTH_REQUIRED drops (so
+a kernel drop can say why rather than POLICY_DENIED even where the default is deny).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from proxy.policy.identity import Identity
-from proxy.policy.repository import (DEFAULT_ALLOW, OFF, POLICY_DENY, Decision, DirectionPolicy,
-                                     L7Policy)
+from proxy.policy.repository import (AUTH_REQUIRED, DEFAULT_ALLOW, OFF, POLICY_DENY, Decision,
+                                     DirectionPolicy, L7Policy)
 from proxy.policy.rule import ALL
 
 ALLOW, DENY, REDIRECT = "allow", "deny", "redirect"
@@ -82,5 +82,5 @@ def _same(a: Decision, b: Decision) -> bool:
 def _emit(out: list[MapEntry], ident: int, proto: str, run, default: str) -> None:
     lo, hi, d = run
     v = verdict_of(d)
-    if v != default or v == REDIRECT or d.drop_reason == POLICY_DENY:
+    if v != default or v == REDIRECT or d.drop_reason in (POLICY_DENY, AUTH_REQUIRED):
         out.append(MapEntry(ident, proto, lo, hi, v, d.drop_reason, d.l7))

@@ -18,6 +18,9 @@ from proxy.policy.selector import EXISTS, EndpointSelector, Req
 
 POLICY_DENIED = "POLICY_DENIED"  # 133: default deny
 POLICY_DENY = "POLICY_DENY"  # 181: an explicit deny rule
+AUTH_REQUIRED = "AUTH_REQUIRED"  # 189: allowed only once mutually authenticated, never here
+UNCHECKED_L7 = frozenset({"kafka", "l7proto", "tls"})  # L7 rules no l7gate proxy checks: the
+# traffic they would let through is dropped (fail closed) unless an allow without L7 covers it
 
 OFF, DEFAULT_DENY, DEFAULT_ALLOW = "off", "default-deny", "default-allow"
 
@@ -98,6 +101,9 @@ class DirectionPolicy:
         if denies:
             return Decision(False, True, POLICY_DENY, tuple(e.origin for e in denies))
         allows = [e for e in hits if not e.deny]
+        needs_auth = [e.origin for e in allows if e.auth]
+        if needs_auth:  # one allow that needs it makes the entry need it (spec §2.3)
+            return Decision(False, True, AUTH_REQUIRED, tuple(needs_auth))
         if not allows:
             if self.mode == DEFAULT_ALLOW:
                 return Decision(True, True, deciders=tuple(r.origin for r in self.rules))

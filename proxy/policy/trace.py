@@ -12,7 +12,7 @@ from proxy.fqdn.cache import DNSCache
 from proxy.policy import httpmatch
 from proxy.policy.endpoint import EndpointsFileError, load_endpoints_file
 from proxy.policy.engine import Engine, FlowVerdict, Peer, PeerError, SideVerdict
-from proxy.policy.repository import Options
+from proxy.policy.repository import AUTH_REQUIRED, UNCHECKED_L7, Options
 from proxy.policy.load import load_paths
 
 PROTOCOLS = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "icmp": "ICMP", "icmpv4": "ICMP",
@@ -178,6 +178,9 @@ def _side_text(s: SideVerdict, local: Peer, remote: Peer) -> list[str]:
         lines.append("  no rule selects it for this direction: not enforced")
     elif d.drop_reason == "POLICY_DENY":
         lines += [f"  Found deny rule: {o.ref} {o.path}" for o in d.deciders]
+    elif d.drop_reason == AUTH_REQUIRED:
+        lines += [f"  Found allow rule requiring authentication (never given by l7gate): {o.ref} {o.path}"
+                  for o in d.deciders]
     elif not d.allowed:
         lines.append("  Found no allow rule (default deny from: "
                      + ", ".join(f"{o.ref} {o.path}" for o in d.deciders) + ")")
@@ -189,6 +192,8 @@ def _side_text(s: SideVerdict, local: Peer, remote: Peer) -> list[str]:
         lines.append(f"  Redirected to the {x.kind.upper()} proxy")
         if x.allow_all:
             lines.append("  an allow without L7 rules covers this peer: every request allowed")
+        elif x.kind in UNCHECKED_L7:
+            lines.append(f"  l7gate has no {x.kind.upper()} proxy: the port stays closed (fail closed)")
         for text, o in x.rules:
             mark = "matched" if o in x.matched else "rule"
             lines.append(f"    {mark}: {text} ({o.ref} {o.path})")
