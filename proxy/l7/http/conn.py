@@ -931,8 +931,9 @@ def _clip(text: str | None) -> str | None:
 
 
 class Flow:
-    """One request done (answered, refused or tunnelled): what its flow says, copied out of the
-    request's objects so that those die with the request (the observer keeps flows a while);
+    """One request done (answered, refused, tunnelled, or cut off by the connection's close: code
+    None when no response head came, reason "...; not finished: <why>"): what its flow says,
+    copied out of the request's objects so that those die with the request (the observer keeps flows a while);
     `record` is built only when read. Host, path and target are clipped (`_clip`)."""
     __slots__ = ("verdict", "code", "method", "protocol", "policies", "latency_us", "reason",
                  "host", "path", "target", "normalised", "authority")
@@ -1302,6 +1303,12 @@ class ProxyConnection:
             return
         self.closed = True
         self.requests.stop()
+        for entry in self._queue:  # read (maybe forwarded), not fully answered: still a flow each
+            entry.reason = f"{entry.reason}; not finished: {reason}" if entry.reason \
+                else f"not finished: {reason}"
+            self._emit(entry)
+        self._queue.clear()
+        self._current = None
         self._out.append(Close(reason, abort))
 
 
