@@ -933,8 +933,8 @@ def _clip(text: str | None) -> str | None:
 class Flow:
     """One request done (answered, refused, tunnelled, or cut off by the connection's close: code
     None when no response head came, reason "...; not finished: <why>"): what its flow says,
-    copied out of the request's objects so that those die with the request (the observer keeps flows a while);
-    `record` is built only when read. Host, path and target are clipped (`_clip`)."""
+    copied out of the request's objects so that those die with the request (the observer keeps
+    flows a while); `record` is built only when read. Host, path and target are clipped."""
     __slots__ = ("verdict", "code", "method", "protocol", "policies", "latency_us", "reason",
                  "host", "path", "target", "normalised", "authority")
 
