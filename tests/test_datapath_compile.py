@@ -14,6 +14,8 @@ import yaml
 from needs import nft_unusable_reason
 
 from proxy.datapath import compile as dpc
+from proxy.datapath.constants import (DNS_TPROXY_MARK, EGRESS_DROP_MARK, EGRESS_DROP_TAG,
+                                      HTTP_REDIRECT_MARK, PROXY_MARK, new_proxy_mark)
 from proxy.datapath.state import DatapathState
 from proxy.policy.mapstate import MapEntry
 from proxy.policy.repository import L7Policy
@@ -288,3 +290,14 @@ def test_log_allowed_leaves_unenforced_directions_alone():
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_compiled_case_with_allow_logging_loads(scratch, case):
     nft_check(scratch, dpc.compile_table(state_of(case), log_allowed=True))
+
+
+def test_the_proxy_mark_is_the_states_and_never_the_published_default_in_a_closed_table():
+    marks = {new_proxy_mark() for _ in range(200)}
+    assert len(marks) == 200 and all(0 < m < 2**31 for m in marks)
+    assert not marks & {PROXY_MARK, DNS_TPROXY_MARK, HTTP_REDIRECT_MARK, EGRESS_DROP_TAG, EGRESS_DROP_MARK}
+    secret = marks.pop()
+    script = dpc.compile_table(DatapathState(proxy_mark=secret))
+    assert f"meta mark {secret:#x} accept" in script and f"{PROXY_MARK:#x}" not in script
+    assert f"meta mark {secret:#x} accept" in dpc.closed_table(proxy_mark=secret)
+    assert f"{PROXY_MARK:#x}" not in dpc.closed_table(), "a fresh secret mark when none is given"

@@ -25,7 +25,7 @@ from needs import nft_unusable_reason
 
 from proxy.datapath import compile as dpc
 from proxy.datapath import nft, origdst, routing
-from proxy.datapath.constants import PROXY_MARK
+from proxy.datapath.constants import PROXY_MARK, new_proxy_mark
 from proxy.datapath.state import DatapathState
 from proxy.policy.mapstate import MapEntry
 from proxy.policy.repository import L7Policy
@@ -506,6 +506,19 @@ def test_replacing_the_table_200_times_never_fails_an_allowed_connection(lab):
           f"{results['ok']} allowed connections meanwhile")
     assert results["fail"] == []
     assert results["ok"] > 10
+
+
+def test_only_the_agents_secret_mark_skips_the_policy(lab):
+    """CAP_NET_RAW (a Docker default) is enough to set SO_MARK: a workload marking its packets
+    with the published default mark must meet the policy like any other (egress default deny
+    here, and with the closed table); only the table's own secret mark passes."""
+    secret = new_proxy_mark()
+    lab.apply(lab.a, dpc.compile_table(state("off", "default-deny", proxy_mark=secret)))
+    assert tcp(lab.a, B_IP, 80, mark=PROXY_MARK) == "timeout"
+    assert tcp(lab.a, B_IP, 80, mark=secret) == "B:ping"
+    lab.apply(lab.a, dpc.closed_table())
+    assert tcp(lab.a, B_IP, 80, mark=PROXY_MARK) == "timeout"
+    assert tcp(lab.a, B_IP, 80) == "timeout"
 
 
 def test_http_redirect_reaches_the_proxy_port_with_the_original_destination(lab):

@@ -29,7 +29,7 @@ from proxy.agent.sync import build_state
 from proxy.observe import EngineView, Observer
 from proxy.datapath import compile as dp_compile
 from proxy.datapath import nft, routing
-from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT
+from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT, new_proxy_mark
 from proxy.fqdn.cache import DNSCache
 from proxy.policy.endpoint import Endpoint, Service
 from proxy.policy.engine import Engine
@@ -94,6 +94,7 @@ FQDN_SLACK = 1  # seconds an FQDN element outlives its DNS TTL (see Agent._open_
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
+        self.proxy_mark = new_proxy_mark()  # secret: its packets skip the policy (never in argv/env)
         self.registry = Registry(cfg.registry)
         self.policy_dir = PolicyDir(cfg.policies)
         self.ids = IdentityAllocator(reserve=self.registry.reserve_identity)
@@ -136,7 +137,7 @@ class Agent:
 
     def apply(self) -> None:
         state = build_state(self.engine, self.engine.peer(self.me.name), self.cfg.http_port,
-                            self.cfg.dns_port)
+                            self.cfg.dns_port, self.proxy_mark)
         nft.apply(dp_compile.compile_table(state, log_allowed=self.cfg.log_allowed))
         self._table_ids = ({2} | set(state.ipcache.values())
                            | {ident for ident, _ in state.fqdn.values()})
@@ -233,7 +234,7 @@ class Agent:
         from proxy.l7.dns import server as dns_server
         from proxy.l7.http import server as http_server
 
-        nft.apply(dp_compile.closed_table())
+        nft.apply(dp_compile.closed_table(proxy_mark=self.proxy_mark))
         routing.install()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -246,9 +247,9 @@ class Agent:
         if self.cfg.metrics:
             self.observer.serve_metrics(self.cfg.metrics)
         http = await http_server.serve(self.oracle, self.me.ips, port=self.cfg.http_port,
-                                       on_flow=self.observer.on_proxy_event)
+                                       on_flow=self.observer.on_proxy_event, mark=self.proxy_mark)
         dns = await dns_server.serve(self.oracle, port=self.cfg.dns_port,
-                                     on_flow=self.observer.on_proxy_event)
+                                     on_flow=self.observer.on_proxy_event, mark=self.proxy_mark)
         ctl = await control.serve(self.registry.socket_path(self.me.name), self.handle,
                                   observe=self.observer.handle_control)
         self.sync(force=True)
@@ -265,7 +266,7 @@ class Agent:
                 except Exception:  # a bad sync must not kill the agent: the last table stays
                     log.exception("sync failed; previous datapath state stays in force")
         finally:
-            nft.apply(dp_compile.closed_table())
+            nft.apply(dp_compile.closed_table(proxy_mark=self.proxy_mark))
             self.registry.withdraw(self.me.name)
             self.registry.socket_path(self.me.name).unlink(missing_ok=True)
             ctl.close()

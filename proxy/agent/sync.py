@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT
+from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT, PROXY_MARK
 from proxy.datapath.state import DatapathState
 from proxy.policy.engine import Engine, Peer
 from proxy.policy.identity import Identity, reserved
@@ -22,7 +22,7 @@ def host_prefix(ip: str) -> str:
 
 
 def build_state(engine: Engine, local: Peer, http_port: int = HTTP_PROXY_PORT,
-                dns_port: int = DNS_PROXY_PORT) -> DatapathState:
+                dns_port: int = DNS_PROXY_PORT, proxy_mark: int = PROXY_MARK) -> DatapathState:
     idents: dict[int, Identity] = {2: reserved("world")}
     ipcache: dict[str, int] = {}
     for ep in engine.endpoints:
@@ -51,4 +51,4 @@ def build_state(engine: Engine, local: Peer, http_port: int = HTTP_PROXY_PORT,
         ingress=flatten(policy.ingress, idents.values()),
         egress=flatten(policy.egress, idents.values()),
         ipcache=ipcache, fqdn=fqdn, local_ips=list(local.endpoint.ips if local.endpoint else []),
-        http_port=http_port, dns_port=dns_port)
+        http_port=http_port, dns_port=dns_port, proxy_mark=proxy_mark)

@@ -19,7 +19,7 @@ Concatenating the address itself into the verdict maps would avoid the mark but 
 prefix by every port entry of its identity, and an FQDN element would have to be repeated per
 port; with the mark, an FQDN update is one element whatever the policy. Every verdict chain
 sets the mark again before accepting (0, or one of our tags), so an identity never leaves our
-chains to collide with PROXY_MARK or the routing marks later in the path; a drop is logged while
+chains to collide with the proxy mark or the routing marks later in the path; a drop is logged while
 the mark still holds the identity, so the NFLOG message carries the peer identity for free.
 
 Order of things per packet:
@@ -27,8 +27,9 @@ Order of things per packet:
     except traffic to Docker's embedded DNS server (127.0.0.11, DOCKER_DNS): that is DNS egress
     like any other; a null DNAT keeps Docker's own NAT off the queries the DNS proxy gets, so it
     sees port 53;
-  * packets of the proxies' own sockets (SO_MARK PROXY_MARK) are accepted before anything looks
-    at or rewrites the mark, and are never redirected; they are tracked in a conntrack zone of
+  * packets of the proxies' own sockets (SO_MARK `state.proxy_mark`: each agent's own secret,
+    `new_proxy_mark`, since CAP_NET_RAW suffices to set a mark) are accepted before anything
+    looks at or rewrites the mark, and are never redirected; they are tracked in a conntrack zone of
     their own (PROXY_ZONE), so no workload packet can ride on a proxy connection's entry;
   * replies (`ct direction reply`) and related ICMP are accepted: they never meet the policy
     (spec §6.6); every packet in the original direction does, the first one of a connection and
@@ -107,7 +108,7 @@ from typing import Iterable
 from proxy.datapath import ipcache as ipc
 from proxy.datapath.constants import (
     DNS_PROXY_PORT, DNS_TPROXY_MARK, DOCKER_DNS, EGRESS_DROP_MARK, EGRESS_DROP_TAG, HTTP_PROXY_PORT,
-    HTTP_REDIRECT_MARK, NFLOG_GROUP, PROXY_MARK, PROXY_ZONE, TABLE, WORLD_ID,
+    HTTP_REDIRECT_MARK, NFLOG_GROUP, PROXY_ZONE, TABLE, WORLD_ID, new_proxy_mark,
 )
 from proxy.datapath.state import DatapathState
 from proxy.policy.mapstate import ALLOW, DENY, REDIRECT, MapEntry
@@ -400,7 +401,7 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
     return out
 
 
-def _hooks(http_port: int, dns_port: int, recheck: bool = True) -> list[str]:
+def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True) -> list[str]:
     """The base chains. recheck: original-direction packets of established connections meet the
     policy again, so removing an allow cuts them (spec 6.6); the closed tables only police new
     connections (recheck False): an agent starting or stopping leaves established ones alone."""
@@ -414,11 +415,11 @@ def _hooks(http_port: int, dns_port: int, recheck: bool = True) -> list[str]:
     # workload socket that happens to reuse the 5-tuple of a finished proxy query (UDP entries
     # live 120 s) would be "established" and skip the DNS redirect: a bypass.
     out += _chain("raw_output", [
-        f"oif != lo meta mark {PROXY_MARK:#x} ct zone set {PROXY_ZONE}",
+        f"oif != lo meta mark {proxy_mark:#x} ct zone set {PROXY_ZONE}",
     ], hook="type filter hook output priority -300",
         comment="the proxies' upstream traffic: its own conntrack zone")
     out += _chain("raw_prerouting", [
-        f"iif != lo socket mark {PROXY_MARK:#x} ct zone set {PROXY_ZONE}",
+        f"iif != lo socket mark {proxy_mark:#x} ct zone set {PROXY_ZONE}",
     ], hook="type filter hook prerouting priority -300",
         comment="replies to the proxies' upstream sockets: the same zone")
     out += _chain("prerouting", [
@@ -442,7 +443,7 @@ def _hooks(http_port: int, dns_port: int, recheck: bool = True) -> list[str]:
         f"meta l4proto {{ tcp, udp }} th dport {{ {http_port}, {dns_port} }} ct status & dnat != dnat drop",
     ], hook="type filter hook input priority 0", comment="proxy ports only through redirects")
     out += _chain("output", [
-        f"meta mark {PROXY_MARK:#x} accept",
+        f"meta mark {proxy_mark:#x} accept",
         # Docker's embedded DNS server answers at 127.0.0.11 on the container's own loopback (its
         # NAT rules pass the queries to dockerd): traffic to it is DNS egress, policed and proxied
         # like any DNS server's; the rest of loopback is not policed.
@@ -459,7 +460,7 @@ def _hooks(http_port: int, dns_port: int, recheck: bool = True) -> list[str]:
         "goto egress_policy",
     ], hook=f"type filter hook output priority {EGRESS_PRIORITY}", comment="egress: policy")
     out += _chain("output_route", [
-        f"meta mark {PROXY_MARK:#x} return",
+        f"meta mark {proxy_mark:#x} return",
         f"meta mark {EGRESS_DROP_TAG:#x} meta mark set {EGRESS_DROP_MARK:#x} return",
         f"ct direction original ct mark {DNS_TPROXY_MARK:#x} meta mark set {DNS_TPROXY_MARK:#x}",
     ], hook="type route hook output priority -150",
@@ -473,7 +474,7 @@ def _hooks(http_port: int, dns_port: int, recheck: bool = True) -> list[str]:
         f"ct mark {HTTP_REDIRECT_MARK:#x} meta l4proto tcp redirect to :{http_port}",
     ], hook="type nat hook prerouting priority -100")
     out += _chain("nat_output", [
-        f"meta mark {PROXY_MARK:#x} return",
+        f"meta mark {proxy_mark:#x} return",
         f"ct mark {HTTP_REDIRECT_MARK:#x} meta l4proto tcp redirect to :{http_port}",
         # A null DNAT on the queries to Docker's DNS server that go to our DNS proxy: the first NAT
         # binding wins and this chain runs before Docker's (priority -100), so Docker's DNAT to its
@@ -516,11 +517,12 @@ def compile_table(state: DatapathState, table: str = TABLE, log_allowed: bool = 
     body = _identity_maps(state)
     for d in DIRECTIONS:
         body += _direction(d, state.mode(d), state.entries(d), closed=False, log_allowed=log_allowed)
-    body += _hooks(_port(state.http_port), _port(state.dns_port))
+    body += _hooks(_port(state.http_port), _port(state.dns_port), state.proxy_mark)
     return _script(body, table)
 
 
-def closed_table(state: DatapathState | None = None, table: str = TABLE) -> str:
+def closed_table(state: DatapathState | None = None, table: str = TABLE,
+                 proxy_mark: int | None = None) -> str:
     """The fail-closed table: what the agent installs first, and on a clean stop.
 
     Without a state (agent starting, nothing known yet): every new connection in both directions
@@ -534,13 +536,18 @@ def closed_table(state: DatapathState | None = None, table: str = TABLE) -> str:
     REDIRECTed to a local port nobody listens on (connection refused), DNS is TPROXYed to a
     socket that does not exist and the tproxy chain drops it (no answer). The input chain drops
     direct connections to the proxy ports. Nothing opens: only a new agent replaces the table.
+
+    proxy_mark: the mark that passes (the agent's own, secret); default the state's, or without
+    a state a fresh secret one: the published default mark must never open a closed workload.
     """
     http_port = _port(state.http_port) if state else HTTP_PROXY_PORT
     dns_port = _port(state.dns_port) if state else DNS_PROXY_PORT
+    if proxy_mark is None:
+        proxy_mark = state.proxy_mark if state else new_proxy_mark()
     if state is None:
         state = DatapathState(ingress_mode=DEFAULT_DENY, egress_mode=DEFAULT_DENY)
     body = _identity_maps(state)
     for d in DIRECTIONS:
         body += _direction(d, state.mode(d), state.entries(d), closed=True)
-    body += _hooks(http_port, dns_port, recheck=False)
+    body += _hooks(http_port, dns_port, proxy_mark, recheck=False)
     return _script(body, table)

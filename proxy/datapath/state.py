@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT
+from proxy.datapath.constants import DNS_PROXY_PORT, HTTP_PROXY_PORT, PROXY_MARK
 from proxy.policy.mapstate import MapEntry
 from proxy.policy.repository import OFF
 
@@ -27,6 +27,7 @@ class DatapathState:
     local_ips: list[str] = field(default_factory=list)  # the workload's own addresses
     http_port: int = HTTP_PROXY_PORT
     dns_port: int = DNS_PROXY_PORT
+    proxy_mark: int = PROXY_MARK  # the SO_MARK of the proxies' own sockets (an agent's is secret)
 
     def mode(self, direction: str) -> str:
         return self.ingress_mode if direction == "ingress" else self.egress_mode
