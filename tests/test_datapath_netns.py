@@ -521,6 +521,34 @@ def test_only_the_agents_secret_mark_skips_the_policy(lab):
     assert tcp(lab.a, B_IP, 80) == "timeout"
 
 
+def _udp_from(ns: str, src_port: int, dst: tuple[str, int], payload: bytes) -> None:
+    """One UDP datagram from any source port (a raw socket: even one another socket holds)."""
+    with netns(ns):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+    with raw:
+        raw.sendto(struct.pack("!HHHH", src_port, dst[1], 8 + len(payload), 0) + payload, (dst[0], 0))
+
+
+def test_nothing_comes_back_on_the_conntrack_entry_of_a_denied_or_tproxied_packet(lab):
+    """A denied egress packet is dropped on lo, but the kernel keeps its conntrack entry: the
+    denied peer's "reply" must not come in on it (it did, as ct direction reply). Answers to
+    TPROXYed DNS come from the proxy over lo; one from the wire is forged."""
+    st = state("default-deny", "default-deny",
+               egress=[MapEntry(B_ID, "UDP", 53, 53, "redirect", l7=DNS)])
+    lab.apply(lab.a, dpc.compile_table(st))
+    for peer, dst, sent in ((lab.c, (C_IP, 5353), b"denied"), (lab.b, (B_IP, 53), b"query")):
+        with netns(lab.a):
+            app = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with app:
+            app.bind(("0.0.0.0", 0))
+            app.settimeout(HANG)
+            app.sendto(sent, dst)  # denied / to the DNS proxy (none here: dropped on lo)
+            time.sleep(0.05)
+            _udp_from(peer, dst[1], (A_IP, app.getsockname()[1]), b"forged reply")
+            with pytest.raises(socket.timeout):
+                print(app.recvfrom(100))
+
+
 def test_http_redirect_reaches_the_proxy_port_with_the_original_destination(lab):
     st = state("default-allow", "default-deny",
                ingress=[MapEntry(B_ID, "TCP", 8000, 8000, "redirect", l7=HTTP)],

@@ -70,6 +70,8 @@ Verdicts are small chains (`<dir>_allow`, `<dir>_deny`, ...) reached by `goto` f
              tagged EGRESS_DROP_TAG; the route chain turns that into EGRESS_DROP_MARK, which
              policy routing sends to lo, and prerouting drops it on the way in. Without the
              policy routing, the postrouting chain drops it (EPERM then, but never out).
+             Its conntrack entry outlives it: the entry gets ct mark EGRESS_DENIED_CT, and
+             prerouting drops every packet on such an entry (a "reply" from the denied peer).
   http    -> a redirect entry with l7.kind "http" on TCP: `ct mark HTTP_REDIRECT_MARK`, accept;
              the nat chain (prerouting for ingress, output for egress) REDIRECTs connections with
              that ct mark to the HTTP proxy port; the proxy reads SO_ORIGINAL_DST (`origdst`).
@@ -107,8 +109,8 @@ from typing import Iterable
 
 from proxy.datapath import ipcache as ipc
 from proxy.datapath.constants import (
-    DNS_PROXY_PORT, DNS_TPROXY_MARK, DOCKER_DNS, EGRESS_DROP_MARK, EGRESS_DROP_TAG, HTTP_PROXY_PORT,
-    HTTP_REDIRECT_MARK, NFLOG_GROUP, PROXY_ZONE, TABLE, WORLD_ID, new_proxy_mark,
+    DNS_PROXY_PORT, DNS_TPROXY_MARK, DOCKER_DNS, EGRESS_DENIED_CT, EGRESS_DROP_MARK, EGRESS_DROP_TAG,
+    HTTP_PROXY_PORT, HTTP_REDIRECT_MARK, NFLOG_GROUP, PROXY_ZONE, TABLE, WORLD_ID, new_proxy_mark,
 )
 from proxy.datapath.state import DatapathState
 from proxy.policy.mapstate import ALLOW, DENY, REDIRECT, MapEntry
@@ -343,7 +345,8 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
     # hand EPERM to the sending socket (UDP sendto, ping fail at once), so a denied egress packet
     # is tagged instead, rerouted to lo by the route chain and dropped in prerouting: the client
     # hangs, as behind Cilium's drop in the datapath.
-    drop = "drop" if d == "ingress" else f"meta mark set {EGRESS_DROP_TAG:#x} accept"
+    drop = "drop" if d == "ingress" else \
+        f"ct mark set {EGRESS_DENIED_CT:#x} meta mark set {EGRESS_DROP_TAG:#x} accept"
     for reason, name in (("POLICY_DENIED", "denied"), *DROP_CHAINS.items()):
         out += _chain(f"{d}_{name}", [f"{LOG_LIMIT} log group {NFLOG_GROUP} prefix {_quote(f'l7gate:{d}:{reason}')}",
                               drop])
@@ -408,9 +411,9 @@ def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True)
     out: list[str] = []
     if recheck:
         # replies skip policy; so do connections this very table accepted (its stamp)
-        known = [f"ct mark {STAMP} accept", "ct state related accept", "ct direction reply accept"]
+        stamped, known = [f"ct mark {STAMP} accept"], ["ct state related accept", "ct direction reply accept"]
     else:
-        known = ["ct state established,related accept"]
+        stamped, known = [], ["ct state established,related accept"]
     # The proxies' own upstream connections live in a conntrack zone of their own. Otherwise a
     # workload socket that happens to reuse the 5-tuple of a finished proxy query (UDP entries
     # live 120 s) would be "established" and skip the DNS redirect: a bypass.
@@ -426,6 +429,11 @@ def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True)
         f"iif lo meta mark {EGRESS_DROP_MARK:#x} drop",
         f"iif lo meta mark {DNS_TPROXY_MARK:#x} goto dns_tproxy",
         "iif lo accept",
+        *stamped,
+        # a denied egress packet leaves a conntrack entry: no reply (nor related ICMP) on it
+        f"ct mark {EGRESS_DENIED_CT:#x} drop",
+        # the answers to TPROXYed DNS come from the proxy over lo; from the wire: forged
+        f"ct direction reply ct mark {DNS_TPROXY_MARK:#x} drop",
         *known,
         f"icmpv6 type {{ {ND_TYPES} }} accept",
         "goto ingress_policy",
@@ -455,6 +463,7 @@ def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True)
         *([] if recheck else [
             f"ct direction original meta l4proto udp udp dport 53 ct mark != {DNS_TPROXY_MARK:#x} "
             "goto egress_policy"]),
+        *stamped,
         *known,
         f"icmpv6 type {{ {ND_TYPES} }} accept",
         "goto egress_policy",

@@ -14,6 +14,8 @@ HTTP_REDIRECT_MARK = 0x4C39  # ct mark of connections the policy sends to the HT
 NFLOG_GROUP = 1  # policy drops are logged here, prefix "l7gate:<direction>:<reason>"
 EGRESS_DROP_TAG = 0x4C3A  # packet mark the egress policy puts on a denied packet
 EGRESS_DROP_MARK = 0x4C3B  # fwmark the route chain makes of it: routed to lo, dropped there
+EGRESS_DENIED_CT = 0x4C3C  # ct mark of a connection whose egress packet was denied: the kernel
+# keeps its conntrack entry, and nothing may come back on it
 PROXY_ZONE = 0x4C37  # conntrack zone of the proxies' upstream connections (16 bits)
 DOCKER_DNS = "127.0.0.11"  # Docker's embedded DNS server, inside every container on a user network
 
@@ -24,7 +26,8 @@ def new_proxy_mark() -> int:
     set SO_MARK: a fixed, published mark let any such workload skip its egress policy. The
     workload cannot read this one (listing nftables rules or sockets' marks needs CAP_NET_ADMIN)
     and each try at guessing it is a policed, logged packet among 2^31 values."""
-    taken = {0, PROXY_MARK, DNS_TPROXY_MARK, HTTP_REDIRECT_MARK, EGRESS_DROP_TAG, EGRESS_DROP_MARK}
+    taken = {0, PROXY_MARK, DNS_TPROXY_MARK, HTTP_REDIRECT_MARK, EGRESS_DROP_TAG, EGRESS_DROP_MARK,
+             EGRESS_DENIED_CT}
     while True:
         mark = secrets.randbits(31)  # setsockopt takes a C int
         if mark not in taken:
