@@ -549,6 +549,71 @@ def test_nothing_comes_back_on_the_conntrack_entry_of_a_denied_or_tproxied_packe
                 print(app.recvfrom(100))
 
 
+def test_a_packet_leaving_with_a_source_address_not_the_workloads_is_dropped(lab):
+    """A raw socket (CAP_NET_RAW) can forge any source; the peer would take it for that source's
+    identity. Only the workload's own addresses may leave (Cilium: DROP_INVALID_SIP)."""
+    lab.apply(lab.a, dpc.compile_table(state()))  # no policy at all: only the source check
+    for src, tag in ((C_IP, b"forged"), (A_IP, b"own")):
+        payload = b"ping-" + tag
+        udp_len = 8 + len(payload)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0, 64, socket.IPPROTO_UDP, 0,
+                         socket.inet_aton(src), socket.inet_aton(B_IP))
+        with netns(lab.a):
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        with raw, contextlib.suppress(PermissionError):  # a drop in output: EPERM, no hang
+            raw.sendto(ip + struct.pack("!HHHH", 40000, 5353, udp_len, 0) + payload, (B_IP, 0))
+    time.sleep(0.2)
+    assert b"ping-own" in lab.received["UB"] and b"ping-forged" not in lab.received["UB"]
+
+
+def _link_local(ns: str) -> str:
+    out = subprocess.run(["ip", "-n", ns, "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()[3].split("/")[0]
+
+
+def test_peers_cannot_talk_over_link_local_addresses_nor_send_router_advertisements(lab):
+    """fe80::/10 carries no identity (it would be world): an egress deny of B must hold for B's
+    link-local address too; and a peer's router advertisement must not give A routes."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # link-local addresses leave DAD after a moment
+        ll = _link_local(lab.b)
+        if "tentative" not in subprocess.run(["ip", "-n", lab.b, "-6", "-o", "addr", "show", "dev", "eth0"],
+                                             capture_output=True, text=True).stdout:
+            break
+        time.sleep(0.1)
+    with netns(lab.b):
+        server = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    lab.socks.append(server)
+    server.bind(("::", 5360))
+    server.settimeout(HANG)
+    lab.apply(lab.a, dpc.compile_table(state("off", "default-allow", egress=[
+        MapEntry(B_ID, proto, 0, 65535, "deny", "POLICY_DENY") for proto in ("TCP", "UDP")])))
+    with netns(lab.a):
+        client = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        scope = socket.if_nametoindex("eth0")
+    with client:
+        client.sendto(b"global", (B6, 5360))
+        with contextlib.suppress(PermissionError):  # dropped in output: no such path, EPERM
+            client.sendto(b"link-local", (ll, 5360, 0, scope))
+        with pytest.raises(socket.timeout):
+            print(server.recvfrom(100))
+
+    lab.apply(lab.a, dpc.compile_table(state("default-allow", "default-allow")))
+    sh("ip", "netns", "exec", lab.a, "sysctl", "-qw", "net.ipv6.conf.eth0.accept_ra=2")
+    with netns(lab.b):
+        ra = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        scope_b = socket.if_nametoindex("eth0")
+    with ra:
+        ra.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        # type 134, code 0, checksum (the kernel's), hop limit 64, flags 0, lifetime 1800 s
+        ra.sendto(struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0), ("ff02::1", 0, 0, scope_b))
+    time.sleep(0.3)
+    routes = subprocess.run(["ip", "-n", lab.a, "-6", "route", "show", "default"],
+                            capture_output=True, text=True).stdout
+    assert routes.strip() == "", routes
+
+
 def test_http_redirect_reaches_the_proxy_port_with_the_original_destination(lab):
     st = state("default-allow", "default-deny",
                ingress=[MapEntry(B_ID, "TCP", 8000, 8000, "redirect", l7=HTTP)],

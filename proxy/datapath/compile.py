@@ -122,8 +122,18 @@ PEER = {"ingress": "saddr", "egress": "daddr"}  # which address names the peer
 PORT_PROTOS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 ICMP_MAPS = {"ICMP": "icmp4", "ICMPv6": "icmp6"}
 LOG_LIMIT = "limit rate 100/second burst 200 packets"
-ND_TYPES = ("nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, nd-redirect, "
-            "mld-listener-query, mld-listener-report, mld-listener-done, mld2-listener-report")
+# IPv6 on the link, before the policy: neighbour discovery (hop limit 255: never from beyond the
+# link, RFC 4861) and multicast listener messages (hop limit 1, link-local source). Router
+# advertisements and redirects are not in it: a workload takes no routes from its peers. Any
+# other packet from or to a link-local address is dropped: peers reach each other by their
+# addresses, which carry identities; fe80::/10 would be `world`, a way around the policy.
+LINK6 = [
+    "ip6 hoplimit 255 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
+    "ip6 hoplimit 1 ip6 saddr { fe80::/10, :: } icmpv6 type { mld-listener-query, mld-listener-report, "
+    "mld-listener-done, mld2-listener-report } accept",
+    "ip6 saddr fe80::/10 drop",
+    "ip6 daddr fe80::/10 drop",
+]
 EGRESS_PRIORITY = -160  # before the route chain (mangle, -150) and nat (-100) on output
 MODES = (OFF, DEFAULT_DENY, DEFAULT_ALLOW)
 ALLOWED = "ALLOWED"  # NFLOG prefix reason of an allowed NEW connection (compile_table(log_allowed))
@@ -318,7 +328,7 @@ def _identity_maps(state: DatapathState | None) -> list[str]:
     local = [ipaddress.ip_address(ip) for ip in (state.local_ips if state else [])]
     for v in (4, 6):
         out += _set(f"local{v}", f"ipv{v}_addr", sorted(str(a) for a in local if a.version == v),
-                    "this workload's addresses (informational)")
+                    "this workload's addresses: the only sources its packets may leave with")
     return out
 
 
@@ -404,11 +414,17 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
     return out
 
 
-def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True) -> list[str]:
+def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True,
+           own_addresses: bool = False) -> list[str]:
     """The base chains. recheck: original-direction packets of established connections meet the
     policy again, so removing an allow cuts them (spec 6.6); the closed tables only police new
-    connections (recheck False): an agent starting or stopping leaves established ones alone."""
+    connections (recheck False): an agent starting or stopping leaves established ones alone.
+    own_addresses: the sets local4/local6 hold every address of the workload, so a packet
+    leaving with any other source is forged (a raw socket, CAP_NET_RAW) and dropped, as
+    Cilium drops a pod's packet from an address not its own."""
     out: list[str] = []
+    spoofed = ["ip saddr != @local4 drop",
+               "ip6 saddr != @local6 ip6 saddr != fe80::/10 ip6 saddr != :: drop"] if own_addresses else []
     if recheck:
         # replies skip policy; so do connections this very table accepted (its stamp)
         stamped, known = [f"ct mark {STAMP} accept"], ["ct state related accept", "ct direction reply accept"]
@@ -435,7 +451,7 @@ def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True)
         # the answers to TPROXYed DNS come from the proxy over lo; from the wire: forged
         f"ct direction reply ct mark {DNS_TPROXY_MARK:#x} drop",
         *known,
-        f"icmpv6 type {{ {ND_TYPES} }} accept",
+        *LINK6,
         "goto ingress_policy",
     ], hook="type filter hook prerouting priority -150", comment="ingress: policy")
     out += _chain("dns_tproxy", [
@@ -464,8 +480,9 @@ def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True)
             f"ct direction original meta l4proto udp udp dport 53 ct mark != {DNS_TPROXY_MARK:#x} "
             "goto egress_policy"]),
         *stamped,
+        *spoofed,
         *known,
-        f"icmpv6 type {{ {ND_TYPES} }} accept",
+        *LINK6,
         "goto egress_policy",
     ], hook=f"type filter hook output priority {EGRESS_PRIORITY}", comment="egress: policy")
     out += _chain("output_route", [
@@ -526,7 +543,8 @@ def compile_table(state: DatapathState, table: str = TABLE, log_allowed: bool = 
     body = _identity_maps(state)
     for d in DIRECTIONS:
         body += _direction(d, state.mode(d), state.entries(d), closed=False, log_allowed=log_allowed)
-    body += _hooks(_port(state.http_port), _port(state.dns_port), state.proxy_mark)
+    body += _hooks(_port(state.http_port), _port(state.dns_port), state.proxy_mark,
+                   own_addresses=bool(state.local_ips))
     return _script(body, table)
 
 
