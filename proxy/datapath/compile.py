@@ -29,8 +29,11 @@ Order of things per packet:
     sees port 53;
   * packets of the proxies' own sockets (SO_MARK `state.proxy_mark`: each agent's own secret,
     `new_proxy_mark`, since CAP_NET_RAW suffices to set a mark) are accepted before anything
-    looks at or rewrites the mark, and are never redirected; they are tracked in a conntrack zone of
-    their own (PROXY_ZONE), so no workload packet can ride on a proxy connection's entry;
+    looks at or rewrites the mark, and are never redirected; they are tracked in a conntrack
+    zone of their own (PROXY_ZONE), so no workload packet can ride on a proxy connection's entry;
+  * a packet leaving with a source address that is not the workload's own is dropped (forged
+    with a raw socket); nothing comes in on the conntrack entry of a denied egress packet, nor
+    from the wire as an answer to DNS that went to the DNS proxy;
   * replies (`ct direction reply`) and related ICMP are accepted: they never meet the policy
     (spec §6.6); every packet in the original direction does, the first one of a connection and
     every later one alike, so removing an allow cuts established connections at their next
@@ -46,8 +49,10 @@ Order of things per packet:
     port becomes L7-redirected (it cannot move into the proxy mid-stream); redirected
     connections keep their redirect ct mark and are looked up at every packet. The closed
     tables only police new connections;
-  * IPv6 neighbour and multicast listener discovery are always accepted (a default-deny IPv6
-    endpoint must still resolve its neighbours; Cilium answers ND itself);
+  * IPv6 neighbour discovery (hop limit 255) and multicast listener discovery (hop limit 1) are
+    always accepted (a default-deny IPv6 endpoint must still resolve its neighbours; Cilium
+    answers ND itself); router advertisements, redirects and anything else from or to a
+    link-local address are dropped (LINK6);
   * then the lookups and the verdict maps; a miss gets the direction's default (mode off: accept
     everything; default-deny: drop unless an entry allows; default-allow: accept unless denied).
 Ingress is policed at prerouting (priority mangle, before nat so the original port is seen),
@@ -96,8 +101,8 @@ peers cannot talk to the proxies directly.
 Known gaps: IP protocols other than TCP/UDP/SCTP/ICMP/ICMPv6 only ever get the default verdict
 (an L3-only allow does not open GRE); an application's own SO_MARK on the first packet of a
 policed connection is replaced by 0 after routing; the ct mark of redirected connections is ours;
-a denied egress packet leaves a conntrack entry behind (it is confirmed on its way to lo); the
-drop reason is whatever the entry says - mapstate does not emit deny entries that equal a
+a denied egress packet leaves a conntrack entry behind (it is confirmed on its way to lo: marked
+EGRESS_DENIED_CT, nothing comes back on it); the drop reason is whatever the entry says - mapstate does not emit deny entries that equal a
 default-deny direction's default, so those explicit denies are logged as POLICY_DENIED.
 """
 from __future__ import annotations
