@@ -566,6 +566,35 @@ def test_a_packet_leaving_with_a_source_address_not_the_workloads_is_dropped(lab
     assert b"ping-own" in lab.received["UB"] and b"ping-forged" not in lab.received["UB"]
 
 
+def test_other_ip_protocols_follow_l3_allows_and_denies(lab):
+    """UDP-Lite (136) stands for every protocol but TCP/UDP/SCTP/ICMP: an L3 deny drops it under
+    default-allow, an L3 allow lets it through under default-deny (Cilium's wildcard-protocol
+    entries); it did only ever get the default verdict."""
+    with netns(lab.b):
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)
+    lab.socks.append(server)
+    server.bind((B_IP, 5370))
+    server.settimeout(HANG)
+
+    def send(tag: bytes) -> bytes | str:
+        with netns(lab.a):
+            client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)
+        with client:
+            client.sendto(tag, (B_IP, 5370))
+        try:
+            return server.recvfrom(100)[0]
+        except socket.timeout:
+            return "timeout"
+
+    deny_b = MapEntry(B_ID, "OTHER", 0, 0, "deny", "POLICY_DENY")
+    lab.apply(lab.a, dpc.compile_table(state("off", "default-allow", egress=[deny_b])))
+    assert send(b"denied") == "timeout"
+    lab.apply(lab.a, dpc.compile_table(state("off", "default-deny", egress=[allow(B_ID, "OTHER", 0)])))
+    assert send(b"allowed") == b"allowed"
+    lab.apply(lab.a, dpc.compile_table(state("off", "default-deny", egress=[allow(C_ID, "OTHER", 0)])))
+    assert send(b"default") == "timeout"
+
+
 def _link_local(ns: str) -> str:
     out = subprocess.run(["ip", "-n", ns, "-6", "-o", "addr", "show", "dev", "eth0", "scope", "link"],
                          capture_output=True, text=True, check=True).stdout

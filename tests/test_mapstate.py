@@ -90,6 +90,8 @@ def test_expected_shapes(setup):
     assert by[(web, "UDP", 8050, 8050)] == DENY  # an explicit deny is emitted, to log POLICY_DENY
     assert by[(admin, "TCP", 0, 21)] == ALLOW and by[(admin, "TCP", 23, 65535)] == ALLOW
     assert by[(admin, "ICMP", 0, 255)] == ALLOW
+    assert by[(admin, "OTHER", 0, 0)] == ALLOW, "an L3 allow covers every IP protocol (GRE...)"
+    assert (web, "OTHER", 0, 0) not in by and (cidr, "OTHER", 0, 0) not in by, "ports do not"
     assert by[(cidr, "ICMP", 8, 8)] == ALLOW
     assert (world, "ICMP", 8, 8) not in by
     assert by[(other, "TCP", 443, 443)] == ALLOW

@@ -98,8 +98,11 @@ connection a newer policy merely allows is not redirected on the strength of an 
 The input chain drops connections that reach a proxy port without having been redirected, so
 peers cannot talk to the proxies directly.
 
-Known gaps: IP protocols other than TCP/UDP/SCTP/ICMP/ICMPv6 only ever get the default verdict
-(an L3-only allow does not open GRE); an application's own SO_MARK on the first packet of a
+IP protocols other than TCP/UDP/SCTP/ICMP/ICMPv6 (GRE, UDP-Lite, ...) are looked up by identity
+alone in `<dir>_other`: only rules without ports decide them (an L3 allow or deny), as Cilium's
+wildcard-protocol entries do.
+
+Known gaps: an application's own SO_MARK on the first packet of a
 policed connection is replaced by 0 after routing; the ct mark of redirected connections is ours;
 a denied egress packet leaves a conntrack entry behind (it is confirmed on its way to lo: marked
 EGRESS_DENIED_CT, nothing comes back on it); the drop reason is whatever the entry says - mapstate does not emit deny entries that equal a
@@ -202,7 +205,7 @@ def policy_elements(direction: str, entries: Iterable[MapEntry],
 
     closed: redirects become drops (a proxy that is not there must not mean open traffic);
     log_allowed: plain allows go through `<dir>_allowed`, which logs the NEW packet first."""
-    out: dict[str, list[str]] = {"ports": [], "icmp4": [], "icmp6": []}
+    out: dict[str, list[str]] = {"ports": [], "icmp4": [], "icmp6": [], "other": []}
     last: dict[tuple[int, str], MapEntry] = {}  # sorted by lo: only the previous one can overlap
     for e in sorted(entries, key=lambda e: (e.identity, e.proto, e.lo)):
         ident = _identity(e.identity)
@@ -224,6 +227,8 @@ def policy_elements(direction: str, entries: Iterable[MapEntry],
             if e.hi > 255:
                 raise ValueError(f"ICMP type range {e.lo}-{e.hi} beyond 255")
             out[ICMP_MAPS[e.proto]].append(f"{ident} . {_range(e.lo, e.hi)} : goto {chain}")
+        elif e.proto == "OTHER":
+            out["other"].append(f"{ident} : goto {chain}")
         else:
             raise ValueError(f"unknown protocol {e.proto!r}")
     return out
@@ -281,7 +286,7 @@ def _quote(text: str) -> str:
 
 
 def _map(name: str, type_: str, flags: str, elements: list[str], comment: str = "") -> list[str]:
-    lines = [f"\tmap {name} {{", f"\t\ttype {type_}", f"\t\tflags {flags}"]
+    lines = [f"\tmap {name} {{", f"\t\ttype {type_}", *([f"\t\tflags {flags}"] if flags else [])]
     if comment:
         lines.append(f"\t\tcomment {_quote(comment)}")
     if elements:
@@ -349,6 +354,8 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
                 "identity . ICMP type range -> verdict")
     out += _map(f"{d}_icmp6", "mark . icmpv6_type : verdict", "interval", elements["icmp6"],
                 "identity . ICMPv6 type range -> verdict")
+    out += _map(f"{d}_other", "mark : verdict", "", elements["other"],
+                "identity -> verdict for IP protocols other than TCP/UDP/SCTP/ICMP/ICMPv6")
     ours = f"{{ {HTTP_REDIRECT_MARK:#x}, {DNS_TPROXY_MARK:#x} }}"
     out += _chain(f"{d}_allow", [
         f"ct state established ct mark != {ours} ct mark set {STAMP} meta mark set 0 accept",
@@ -407,6 +414,7 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
             f"meta l4proto icmp meta mark . icmp type vmap @{d}_icmp4",
             f"meta l4proto ipv6-icmp meta mark . icmpv6 type vmap @{d}_icmp6",
             f"meta l4proto {{ tcp, udp, sctp }} meta mark . meta l4proto . th dport vmap @{d}_ports",
+            f"meta l4proto != {{ tcp, udp, sctp, icmp, ipv6-icmp }} meta mark vmap @{d}_other",
             f"goto {fallback}",
         ]
         note = f"mode {mode}"

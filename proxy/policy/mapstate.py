@@ -18,8 +18,10 @@ from proxy.policy.repository import (AUTH_REQUIRED, DEFAULT_ALLOW, OFF, POLICY_D
 from proxy.policy.rule import ALL
 
 ALLOW, DENY, REDIRECT = "allow", "deny", "redirect"
-PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP", "ICMPv6")
-PORT_MAX = {"ICMP": 255, "ICMPv6": 255}
+# OTHER: every IP protocol but these five (GRE, UDP-Lite, ...): only rules without ports decide
+# it, as Cilium's wildcard-protocol entries do (an L3 allow or deny covers every protocol)
+PROTOCOLS = ("TCP", "UDP", "SCTP", "ICMP", "ICMPv6", "OTHER")
+PORT_MAX = {"ICMP": 255, "ICMPv6": 255, "OTHER": 0}
 
 
 @dataclass(frozen=True)
