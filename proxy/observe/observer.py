@@ -73,6 +73,8 @@ class Observer:
                 peer = pkt.src if direction == "ingress" else pkt.dst
                 port = pkt.dport if pkt.proto in ("TCP", "UDP", "SCTP") else (pkt.icmp_type or 0)
                 proto = {"ICMPv4": "ICMP"}.get(pkt.proto, pkt.proto)
+                if proto not in ("TCP", "UDP", "SCTP", "ICMP", "ICMPv6"):
+                    proto, port = "OTHER", 0  # GRE, UDP-Lite...: decided like the datapath does
                 try:
                     explanation = self.explain(direction, peer, proto, port)
                 except Exception:
