@@ -436,8 +436,9 @@ def _hooks(http_port: int, dns_port: int, proxy_mark: int, recheck: bool = True,
     leaving with any other source is forged (a raw socket, CAP_NET_RAW) and dropped, as
     Cilium drops a pod's packet from an address not its own."""
     out: list[str] = []
-    spoofed = ["ip saddr != @local4 drop",
-               "ip6 saddr != @local6 ip6 saddr != fe80::/10 ip6 saddr != :: drop"] if own_addresses else []
+    spoofed = ["oif != lo ip saddr != @local4 drop",  # (on lo only DNS to Docker's 127.0.0.11)
+               "oif != lo ip6 saddr != @local6 ip6 saddr != fe80::/10 ip6 saddr != :: drop",
+               ] if own_addresses else []
     if recheck:
         # replies skip policy; so do connections this very table accepted (its stamp)
         stamped, known = [f"ct mark {STAMP} accept"], ["ct state related accept", "ct direction reply accept"]
