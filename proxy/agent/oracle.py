@@ -31,8 +31,9 @@ def _result(v: L7Verdict | None, what: str) -> L7Result:
 
 class EngineOracle:
     """Decisions are cached per (direction, peer IP, protocol, port), compiled L7 checkers per
-    merged policy, HTTP results per (checker, request key) and DNS results per (server, protocol, name);
-    the caches are dropped when the engine is replaced (a policy or registry change) or when
+    merged policy, HTTP results per (checker, request key) and DNS results per (server,
+    protocol, name); the caches are dropped when the engine is replaced (a policy or registry
+    change) or when
     learning changes the FQDN cache's live (name, IP) pairs, and at least every REFRESH seconds
     of learning (an IP's identity depends on its names, which also expire)."""
 

@@ -94,7 +94,7 @@ FQDN_SLACK = 1  # seconds an FQDN element outlives its DNS TTL (see Agent._open_
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.proxy_mark = new_proxy_mark()  # secret: its packets skip the policy (never in argv/env)
+        self.proxy_mark = new_proxy_mark()  # secret: its packets skip the policy (not in argv/env)
         self.registry = Registry(cfg.registry)
         self.policy_dir = PolicyDir(cfg.policies)
         self.ids = IdentityAllocator(reserve=self.registry.reserve_identity)

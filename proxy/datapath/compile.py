@@ -19,8 +19,8 @@ Concatenating the address itself into the verdict maps would avoid the mark but 
 prefix by every port entry of its identity, and an FQDN element would have to be repeated per
 port; with the mark, an FQDN update is one element whatever the policy. Every verdict chain
 sets the mark again before accepting (0, or one of our tags), so an identity never leaves our
-chains to collide with the proxy mark or the routing marks later in the path; a drop is logged while
-the mark still holds the identity, so the NFLOG message carries the peer identity for free.
+chains to collide with the proxy mark or the routing marks later in the path; a drop is logged
+while the mark still holds the identity, so the NFLOG message carries the peer identity for free.
 
 Order of things per packet:
   * loopback is never policed (the proxies talk over lo, and so does a workload to itself),
@@ -105,8 +105,9 @@ wildcard-protocol entries do.
 Known gaps: an application's own SO_MARK on the first packet of a
 policed connection is replaced by 0 after routing; the ct mark of redirected connections is ours;
 a denied egress packet leaves a conntrack entry behind (it is confirmed on its way to lo: marked
-EGRESS_DENIED_CT, nothing comes back on it); the drop reason is whatever the entry says - mapstate does not emit deny entries that equal a
-default-deny direction's default, so those explicit denies are logged as POLICY_DENIED.
+EGRESS_DENIED_CT, nothing comes back on it); the drop reason is whatever the entry says -
+mapstate does not emit deny entries that equal a default-deny direction's default, so those
+explicit denies are logged as POLICY_DENIED.
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ LOG_LIMIT = "limit rate 100/second burst 200 packets"
 # other packet from or to a link-local address is dropped: peers reach each other by their
 # addresses, which carry identities; fe80::/10 would be `world`, a way around the policy.
 LINK6 = [
-    "ip6 hoplimit 255 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept",
+    "ip6 hoplimit 255 icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } "
+    "accept",
     "ip6 hoplimit 1 ip6 saddr { fe80::/10, :: } icmpv6 type { mld-listener-query, mld-listener-report, "
     "mld-listener-done, mld2-listener-report } accept",
     "ip6 saddr fe80::/10 drop",
@@ -370,8 +372,8 @@ def _direction(direction: str, mode: str, entries: list[MapEntry], closed: bool,
     drop = "drop" if d == "ingress" else \
         f"ct mark set {EGRESS_DENIED_CT:#x} meta mark set {EGRESS_DROP_TAG:#x} accept"
     for reason, name in (("POLICY_DENIED", "denied"), *DROP_CHAINS.items()):
-        out += _chain(f"{d}_{name}", [f"{LOG_LIMIT} log group {NFLOG_GROUP} prefix {_quote(f'l7gate:{d}:{reason}')}",
-                              drop])
+        log = f"{LOG_LIMIT} log group {NFLOG_GROUP} prefix {_quote(f'l7gate:{d}:{reason}')}"
+        out += _chain(f"{d}_{name}", [log, drop])
     if log_allowed:
         out += _chain(f"{d}_allowed", [
             f"ct state established goto {d}_allow",
