@@ -33,9 +33,8 @@ class EngineOracle:
     """Decisions are cached per (direction, peer IP, protocol, port), compiled L7 checkers per
     merged policy, HTTP results per (checker, request key) and DNS results per (server,
     protocol, name); the caches are dropped when the engine is replaced (a policy or registry
-    change) or when
-    learning changes the FQDN cache's live (name, IP) pairs, and at least every REFRESH seconds
-    of learning (an IP's identity depends on its names, which also expire)."""
+    change) or when learning changes the FQDN cache's live (name, IP) pairs, and at least every
+    REFRESH seconds of learning (an IP's identity depends on its names, which also expire)."""
 
     MAX_CACHED = 65536  # entries per cache: many peers or paths must not grow memory
     MAX_KEY_CHARS = 1024  # an HTTP result is remembered only for a request key this short: the
