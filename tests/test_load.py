@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -332,6 +333,20 @@ def test_too_large_file_is_refused_unread(tmp_path):
     (d,) = load_paths([str(big)]).documents
     assert time.monotonic() - start < 1
     assert d.errors[0].layer == LAYER_YAML and "file is too large" in d.errors[0].message
+
+
+def test_a_fifo_or_device_named_like_a_policy_is_refused_without_waiting(tmp_path):
+    """Opening a FIFO for reading waits for a writer: the agent's loop would hang for ever."""
+    os.mkfifo(tmp_path / "pipe.yaml")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading the FIFO blocked"))
+    signal.alarm(5)
+    try:
+        docs = load_paths([str(tmp_path)]).documents
+    finally:
+        signal.alarm(0)
+    assert [(Path(d.file).name, d.errors[0].message) for d in docs] == \
+        [("pipe.yaml", "not a regular file"), ("zero.yaml", "not a regular file")]
 
 
 def test_alias_bomb_is_bounded():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,11 +159,15 @@ def _file_error(file: str, message: str) -> Document:
 
 def read_file(file: str) -> list[Document]:
     try:
-        size = os.path.getsize(file)
-        if size > MAX_FILE_BYTES:
-            return [_file_error(file, f"file is too large ({size} bytes; the limit is "
-                                      f"{MAX_FILE_BYTES} bytes)")]
-        with open(file, "rb") as f:
+        # O_NONBLOCK: opening a FIFO named like a policy file must not wait for a writer
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return [_file_error(file, "not a regular file")]
+            if st.st_size > MAX_FILE_BYTES:
+                return [_file_error(file, f"file is too large ({st.st_size} bytes; the limit is "
+                                          f"{MAX_FILE_BYTES} bytes)")]
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         return [_file_error(file, f"cannot read file: {e.strerror or e}")]
