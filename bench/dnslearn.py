@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -71,6 +72,7 @@ async def measure(n: int, seconds: float, ttl: int) -> dict:
         policies, registry = Path(tmp, "policies"), Path(tmp, "registry")
         policies.mkdir()
         (policies / "learn.yaml").write_text(POLICY)
+        os.utime(policies / "learn.yaml", (1, 1))  # long written: the agent reads it at once
         agent = Agent(AgentConfig(policies=str(policies), registry=str(registry), name="learner",
                                   labels=parse_labels("app=bench-learner"), ips=["10.231.1.2"]))
         agent.sync(force=True)

@@ -15,7 +15,7 @@ from needs import nft_unusable_reason
 pytestmark = pytest.mark.skipif(nft_unusable_reason() is not None, reason=str(nft_unusable_reason()))
 
 SCRIPT = r'''
-import asyncio, json, sys, tempfile
+import asyncio, json, os, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from proxy.agent.run import Agent, AgentConfig, FQDN_SLACK, parse_labels
@@ -36,6 +36,7 @@ async def main():
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "p").mkdir()
         (Path(tmp) / "p" / "learn.yaml").write_text(POLICY)
+        os.utime(Path(tmp) / "p" / "learn.yaml", (1, 1))  # long written: read at once (settled)
         agent = Agent(AgentConfig(policies=f"{tmp}/p", registry=f"{tmp}/r", name="learner",
                                   labels=parse_labels("app=learner"), ips=["10.9.0.2"]))
         agent.sync(force=True)

@@ -5,11 +5,17 @@ identity), `services/<namespace>.<name>.json` (`{name, namespace, selector, ips}
 `toServices`; written by whoever defines services: the lab, compose), `identities/<number>` (claimed with an atomic exclusive create, holding the label set
 it stands for, so all sidecars agree on the numbers), `agents/<name>.sock` (control sockets).
 Writes are atomic (write a temp file, rename), so a reader never sees half a file.
+
+Every sidecar can write here: a record is taken only when well formed (addresses that are
+addresses, labels that are strings), and never with `reserved:` labels (`reserved:host` would
+make its addresses the host, which allow-localhost lets in everywhere); others are skipped.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,32 @@ class EndpointRecord:
     ips: list[str] = field(default_factory=list)
     identity: int = 0
     namedPorts: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: object) -> EndpointRecord:
+        """A record as read from the registry; ValueError/TypeError if it is not one to trust."""
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
+        rec = cls(**data)  # unknown keys: TypeError
+        for name in ("name", "namespace", "serviceAccount"):
+            if not isinstance(getattr(rec, name), str) or not getattr(rec, name):
+                raise ValueError(f"{name} must be a non-empty string")
+        if not isinstance(rec.identity, int) or isinstance(rec.identity, bool):
+            raise ValueError("identity must be a number")
+        if not (isinstance(rec.labels, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in rec.labels.items())):
+            raise ValueError("labels must map strings to strings")
+        if any(k.lower().startswith("reserved:") for k in rec.labels):
+            raise ValueError("reserved labels belong to the agent, not to a record")
+        if not (isinstance(rec.ips, list) and all(isinstance(ip, str) for ip in rec.ips)):
+            raise ValueError("ips must be a list of addresses")
+        for ip in rec.ips:
+            ipaddress.ip_address(ip)  # ValueError if it is not one
+        if not (isinstance(rec.namedPorts, dict) and all(
+                isinstance(k, str) and isinstance(v, int) and 0 < v < 65536
+                for k, v in rec.namedPorts.items())):
+            raise ValueError("namedPorts must map names to ports")
+        return rec
 
     def endpoint(self) -> Endpoint:
         return Endpoint(name=self.name, namespace=self.namespace, labels=dict(self.labels),
@@ -46,20 +78,29 @@ class Registry:
 
     def publish(self, rec: EndpointRecord) -> None:
         path = self.endpoint_path(rec.name)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp = path.with_suffix(f".tmp{secrets.token_hex(8)}")
         tmp.write_text(json.dumps(asdict(rec), sort_keys=True))
         os.replace(tmp, path)
+
+    def record(self, name: str) -> EndpointRecord | None:
+        """The record published under `name`, as the others read it (None: none, or unreadable)."""
+        found = [r for r in self._read_endpoints([self.endpoint_path(name)])]
+        return found[0] if found else None
 
     def withdraw(self, name: str) -> None:
         self.endpoint_path(name).unlink(missing_ok=True)
 
     def endpoints(self) -> list[EndpointRecord]:
+        return self._read_endpoints(sorted((self.root / "endpoints").glob("*.json")))
+
+    @staticmethod
+    def _read_endpoints(paths) -> list[EndpointRecord]:
         out = []
-        for p in sorted((self.root / "endpoints").glob("*.json")):
+        for p in paths:
             try:
-                out.append(EndpointRecord(**json.loads(p.read_text())))
+                out.append(EndpointRecord.from_json(json.loads(p.read_text())))
             except (OSError, ValueError, TypeError):
-                continue  # being replaced or not ours: the next poll sees it whole
+                continue  # gone, malformed or not to be trusted: skipped
         return out
 
     def services(self) -> list[Service]:
@@ -85,7 +126,8 @@ class Registry:
     def reserve_identity(self, number: int, labels_key: str) -> bool:
         """Claim `number` for a label set; True if it is now (or already was) ours."""
         path = self.root / "identities" / str(number)
-        tmp = path.with_name(f".{number}.{os.getpid()}")
+        # random: in compose every agent is PID 1, and two claims must not share a temp file
+        tmp = path.with_name(f".{number}.{secrets.token_hex(8)}")
         tmp.write_text(labels_key)
         try:
             os.link(tmp, path)  # atomic and exclusive: the claim appears complete or not at all

@@ -104,6 +104,8 @@ class Agent:
         self.engine = self._engine([], [])
         self.oracle = EngineOracle(self.engine, cfg.name, open_ips=self._open_ips)
         self._registry_version: tuple | None = None
+        self._unsynced = False  # a sync failed: try again at the next one
+        self._policy_problem: str | None = None
         self._fqdn_elements = Batcher(_add_fqdn_elements)  # one transaction per loop turn
         self._written: dict[str, tuple[int, float]] = {}  # FQDN element -> (identity, expiry)
         self._ip_ids: dict[str, tuple] = {}  # see _ip_identity
@@ -120,23 +122,36 @@ class Agent:
 
     # -- sync ---------------------------------------------------------------------------------
     def sync(self, force: bool = False) -> bool:
+        """Apply what changed. The new engine serves the proxies only once the kernel has its
+        table; a sync that failed is tried again at the next call."""
         changed = self.policy_dir.poll()
         for err in self.policy_dir.errors if changed else []:
             log.warning("policy not in force: %s", err)
+        problem = self.policy_dir.problem
+        if problem != self._policy_problem:
+            self._policy_problem = problem
+            if problem:
+                log.warning("policies directory: %s; the policies in force stay", problem)
+        if self._ready and self.registry.record(self.me.name) != self.record():
+            self.publish()  # removed or overwritten: peers must keep seeing us as we are
         version = self.registry.version()
         if version != self._registry_version:
             self._registry_version = version
             changed = True
-        if not (changed or force):
+        if not (changed or force or self._unsynced):
             return False
+        self._unsynced = True
         others = [r.endpoint() for r in self.registry.endpoints()]
-        self.engine = self._engine(others, self.registry.services())
-        self.oracle.engine = self.engine
-        self.apply()
+        engine = self._engine(others, self.registry.services())
+        self.apply(engine)
+        self.engine = engine
+        self.oracle.engine = engine
+        self._unsynced = False
         return True
 
-    def apply(self) -> None:
-        state = build_state(self.engine, self.engine.peer(self.me.name), self.cfg.http_port,
+    def apply(self, engine: Engine | None = None) -> None:
+        engine = engine or self.engine
+        state = build_state(engine, engine.peer(self.me.name), self.cfg.http_port,
                             self.cfg.dns_port, self.proxy_mark)
         nft.apply(dp_compile.compile_table(state, log_allowed=self.cfg.log_allowed))
         self._table_ids = ({2} | set(state.ipcache.values())
@@ -191,11 +206,28 @@ class Agent:
         self._ip_ids[ip] = (self.engine, gen, now + 1.0, ident)
         return ident
 
-    def publish(self) -> None:
+    def record(self) -> EndpointRecord:
         ident = self.engine.identity_of(self.me)
-        self.registry.publish(EndpointRecord(self.me.name, self.me.namespace, self.cfg.labels,
-                                             self.me.service_account, self.me.ips, ident.id))
+        return EndpointRecord(self.me.name, self.me.namespace, self.cfg.labels,
+                              self.me.service_account, self.me.ips, ident.id)
+
+    def publish(self) -> None:
+        self.registry.publish(self.record())
         self._ready = True
+
+    async def _policies_readable(self) -> None:
+        """Start with the policies as they will stay: the directory readable and no file in the
+        middle of being written (the closed table holds meanwhile)."""
+        told = False
+        while True:
+            self.policy_dir.poll()
+            waiting = self.policy_dir.problem or self.policy_dir.settling
+            if not waiting:
+                return
+            if not told:
+                log.warning("waiting for the policies: %s", waiting)
+                told = True
+            await asyncio.sleep(0.1)
 
     # -- control socket -----------------------------------------------------------------------
     def handle(self, cmd: str):
@@ -235,6 +267,9 @@ class Agent:
         from proxy.l7.http import server as http_server
 
         nft.apply(dp_compile.closed_table(proxy_mark=self.proxy_mark))
+        # a record left by a killed agent would pass for this one: readiness (compose's
+        # healthcheck) and peers must wait for the record published once the policy is in force
+        self.registry.withdraw(self.me.name)
         routing.install()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -252,6 +287,7 @@ class Agent:
                                      on_flow=self.observer.on_proxy_event, mark=self.proxy_mark)
         ctl = await control.serve(self.registry.socket_path(self.me.name), self.handle,
                                   observe=self.observer.handle_control)
+        await self._policies_readable()
         self.sync(force=True)
         self.publish()
         log.info("agent %s ready: identity %s", self.me.name, self.engine.identity_of(self.me).id)

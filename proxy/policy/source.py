@@ -121,14 +121,15 @@ def format_path(path: Path) -> str:
 # Files and directories
 # --------------------------------------------------------------------------------------------
 
-def list_files(path: str) -> list[str]:
+def list_files(path: str, onerror=None) -> list[str]:
     """The policy files under a directory (recursive, sorted), as joined with `path`.
 
     Hidden files and directories (`.git`, editor lock files such as `.#x.yaml`) are left out;
-    a file named explicitly is always read.
+    a file named explicitly is always read. `onerror(OSError)`: told of a directory that could
+    not be listed (os.walk's hook; by default such a directory is silently skipped).
     """
     found = []
-    for root, dirs, files in os.walk(path):
+    for root, dirs, files in os.walk(path, onerror=onerror):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if name.lower().endswith(EXTENSIONS) and not name.startswith("."):

@@ -1,0 +1,67 @@
+"""The agent's sync against what others may do to the shared registry: a record of its own that
+disappears is published again; a malformed record of someone else's stops nothing (a real Agent
+and its nftables table, in a scratch network namespace: `unshare --net`)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clitool import ROOT
+from needs import nft_unusable_reason
+
+pytestmark = pytest.mark.skipif(nft_unusable_reason() is not None, reason=str(nft_unusable_reason()))
+
+SCRIPT = r'''
+import json, os, sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from proxy.agent.run import Agent, AgentConfig, parse_labels
+from proxy.datapath import nft
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress: [{toPorts: [{ports: [{port: "%d"}]}]}]
+"""
+
+def settled(path, text):
+    path.write_text(text)
+    os.utime(path, (1, 1))  # long written: read at once
+
+with tempfile.TemporaryDirectory() as tmp:
+    pol, reg = Path(tmp, "p"), Path(tmp, "r")
+    pol.mkdir()
+    settled(pol / "web.yaml", POLICY % 80)
+    agent = Agent(AgentConfig(policies=str(pol), registry=str(reg), name="web",
+                              labels=parse_labels("app=web"), ips=["10.9.0.2"]))
+    agent.sync(force=True)
+    agent.publish()
+    out = {"published": agent.registry.record("web") == agent.record()}
+    agent.registry.withdraw("web")
+    agent.sync()
+    out["republished"] = agent.registry.record("web") == agent.record()
+    (reg / "endpoints" / "evil.json").write_text(json.dumps({"name": "evil", "ips": "10.9.0.3"}))
+    (reg / "endpoints" / "host.json").write_text(json.dumps(
+        {"name": "host", "labels": {"reserved:host": ""}, "ips": ["10.9.0.4"]}))
+    settled(pol / "web.yaml", POLICY % 81)
+    out["synced"] = agent.sync()
+    out["ports"] = [p.rules[0].ingress[0].to_ports[0].ports[0].port for p in agent.policy_dir.policies()]
+    out["peers"] = sorted(e.name for e in agent.engine.endpoints)
+    nft.delete_table()
+    print(json.dumps(out))
+'''
+
+
+def test_a_lost_record_is_published_again_and_bad_records_stop_nothing():
+    p = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", SCRIPT, str(ROOT)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out == {"published": True, "republished": True, "synced": True, "ports": ["81"],
+                   "peers": ["web"]}
