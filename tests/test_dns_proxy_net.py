@@ -571,6 +571,7 @@ def test_queries_waiting_on_one_upstream_and_upstream_sockets_are_bounded(own_po
     on one socket left no free ID: the proxy's loop spun for ever) nor the proxy's sockets."""
     proxy = own_policy.proxy
     own_policy.loop.run(_sweep(proxy))  # the sockets left by other tests: only the test's count
+    saved = proxy.outstanding.max_per_upstream, proxy.MAX_UDP_UPSTREAMS
     proxy.outstanding.max_per_upstream, proxy.MAX_UDP_UPSTREAMS = 2, len(proxy._udp_upstreams) + 2
     try:
         qs = [query("api.github.com", qid=0x0E01 + i) for i in range(3)]
@@ -588,8 +589,7 @@ def test_queries_waiting_on_one_upstream_and_upstream_sockets_are_bounded(own_po
         assert addresses(DNSRecord.parse(bytes.fromhex(reply["data"]))) == ["192.0.2.10"], \
             "once they time out, queries are forwarded again"
     finally:
-        proxy.outstanding.max_per_upstream, proxy.MAX_UDP_UPSTREAMS = \
-            type(proxy.outstanding)().max_per_upstream, type(proxy).MAX_UDP_UPSTREAMS
+        proxy.outstanding.max_per_upstream, proxy.MAX_UDP_UPSTREAMS = saved
 
 
 def test_queries_from_one_client_socket_share_one_upstream_socket(mediabot):

@@ -451,6 +451,66 @@ def test_idle_connection_is_dropped(lab, oracle):
     assert 0.3 < waited < 2
 
 
+def test_connections_beyond_the_cap_are_refused_and_the_others_served(lab, oracle):
+    """Idle connections held open must not use up the agent's descriptors (nftables and the
+    DNS proxy need some): beyond `max_connections` a connection is reset at once."""
+    async def scenario(s: Setup):
+        held = [await s.client() for _ in range(2)]
+        extra_reader, extra_writer = await s.client()
+        extra_writer.write(LANDING)
+        try:
+            refused = await asyncio.wait_for(extra_reader.read(), 5)
+        except ConnectionResetError:
+            refused = b""
+        extra_writer.close()
+        reader, writer = held[0]
+        writer.write(LANDING)
+        served = await read_responses(reader, 1)
+        for _, w in held:
+            w.close()
+        await asyncio.sleep(0.05)
+        reader, writer = await s.client()  # a place is free again
+        writer.write(LANDING)
+        again = await read_responses(reader, 1)
+        writer.close()
+        return refused, served, again, s.proxy.stats["refused"]
+
+    refused, served, again, count = run(lab, oracle, scenario, max_connections=2)
+    assert (refused, served, again, count) == (b"", LANDED, LANDED, 1)
+
+
+def test_a_body_is_not_read_faster_than_the_upstream_connection_is_made(lab, oracle):
+    """While the upstream connects, the client is not read: a body streamed into the pending
+    buffer meanwhile had no bound (1.8 GB against an upstream slow to accept). The proxy's SYNs
+    to the app are dropped here, so its connect waits."""
+    sh("ip", "netns", "exec", lab["srv"], "nft", "-f", "-", input=f"""
+table inet l7gate_http_slow {{
+    chain out {{
+        type filter hook output priority 0; policy accept;
+        meta mark {PROXY_MARK:#x} tcp dport 80 tcp flags syn drop
+    }}
+}}
+""")
+
+    async def scenario(s: Setup):
+        reader, writer = await s.client()
+        writer.write(b"POST /v1/request-landing HTTP/1.1\r\nHost: deathstar\r\n"
+                     b"Content-Length: 100000000\r\n\r\n")
+        for _ in range(50):  # 50 MB offered in 0.5 s
+            writer.write(b"x" * 1_000_000)
+            await asyncio.sleep(0.01)
+        (conn,) = s.proxy._conns
+        buffered = sum(map(len, conn.upstream.pending))
+        writer.transport.abort()
+        return buffered
+
+    try:
+        buffered = run(lab, oracle, scenario)
+    finally:
+        sh("ip", "netns", "exec", lab["srv"], "nft", "delete", "table", "inet", "l7gate_http_slow")
+    assert buffered < 1_000_000, buffered
+
+
 def test_ipv6_is_redirected_and_checked_the_same_way(lab, oracle):
     async def scenario(s: Setup):
         reader, writer = await s.client(DEATHSTAR6)

@@ -91,7 +91,13 @@ class Registry:
         self.endpoint_path(name).unlink(missing_ok=True)
 
     def endpoints(self) -> list[EndpointRecord]:
-        return self._read_endpoints(sorted((self.root / "endpoints").glob("*.json")))
+        """Every trusted record. OSError when the directory or a record cannot be read (out of
+        file descriptors...): a partial view would turn the missing peers into `world`."""
+        return self._read_endpoints(sorted(self._listing("endpoints")))
+
+    def _listing(self, sub: str) -> list[Path]:
+        with os.scandir(self.root / sub) as it:  # raises, where glob would yield nothing
+            return [Path(e.path) for e in it if e.name.endswith(".json")]
 
     @staticmethod
     def _read_endpoints(paths) -> list[EndpointRecord]:
@@ -99,27 +105,29 @@ class Registry:
         for p in paths:
             try:
                 out.append(EndpointRecord.from_json(json.loads(p.read_text())))
-            except (OSError, ValueError, TypeError):
-                continue  # gone, malformed or not to be trusted: skipped
+            except FileNotFoundError:
+                continue  # withdrawn meanwhile
+            except (ValueError, TypeError):
+                continue  # malformed or not to be trusted: skipped
         return out
 
     def services(self) -> list[Service]:
         out = []
-        for p in sorted((self.root / "services").glob("*.json")):
+        for p in sorted(self._listing("services")):
             try:
                 out.append(service_from_dict(json.loads(p.read_text()), str(p)))
-            except (OSError, ValueError):
-                continue
+            except (FileNotFoundError, ValueError):
+                continue  # withdrawn meanwhile, or malformed
         return out
 
     def version(self) -> tuple:
         """Changes whenever an endpoint or service is published or withdrawn (cheap to poll)."""
         out = []
         for sub in ("endpoints", "services"):
-            for p in (self.root / sub).glob("*.json"):
+            for p in self._listing(sub):
                 try:
                     out.append((sub, p.name, p.stat().st_mtime_ns))
-                except OSError:
+                except FileNotFoundError:
                     continue
         return tuple(sorted(out))
 

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import resource
 import signal
 import subprocess
 import sys
@@ -266,6 +267,9 @@ class Agent:
         from proxy.l7.dns import server as dns_server
         from proxy.l7.http import server as http_server
 
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # the proxies size their connection caps by it (fd exhaustion)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         nft.apply(dp_compile.closed_table(proxy_mark=self.proxy_mark))
         # a record left by a killed agent would pass for this one: readiness (compose's
         # healthcheck) and peers must wait for the record published once the policy is in force

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import resource
 import socket
 import struct
 import time
@@ -47,6 +48,7 @@ IPV6_RECVORIGDSTADDR = 74  # == IPV6_ORIGDSTADDR
 IPV6_TRANSPARENT = 75
 SO_MARK = getattr(socket, "SO_MARK", 36)
 MAX_INFLIGHT_PER_TCP = 64
+MAX_INFLIGHT = 8192  # queries being answered at once, all clients: beyond, UDP ones are dropped
 
 FlowCallback = Callable[["DNSEvent"], None]
 Exchange = Callable[[Query, Destination], Awaitable[Response]]  # TimeoutError after upstream_timeout
@@ -138,6 +140,11 @@ class Server:
         self._clients: set[_ClientTCP] = set()
         self._tasks: set[asyncio.Task] = set()
         self._reply_socks: dict[tuple[str, int], socket.socket] = {}
+        # descriptors: UDP upstream sockets and TCP clients (with their upstreams) stay well
+        # below the process's limit, which the HTTP proxy and nftables share
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.MAX_UDP_UPSTREAMS = min(Server.MAX_UDP_UPSTREAMS, max(16, limit // 4))
+        self.max_tcp_clients = min(1024, max(8, limit // 16))
         self._udp_upstreams: dict[tuple, _UDPUpstream] = {}  # (client, server ip, port) ->
         self._sweeper: asyncio.Task | None = None
         self._closed = False
@@ -300,6 +307,9 @@ class Server:
             orig = _orig_dst(anc)
             if orig is None:
                 self.stats["no_original_destination"] += 1
+                continue
+            if len(self._tasks) >= MAX_INFLIGHT:
+                self.stats["shed"] += 1  # the client asks again; memory stays bounded
                 continue
             self._spawn(self._udp_query(data, client[:2], orig))
 
@@ -501,12 +511,17 @@ class _ClientTCP(asyncio.Protocol):
         self.tasks: set[asyncio.Task] = set()
         self.upstream: _UpstreamTCP | None = None
         self._connecting = asyncio.Lock()
-        self._paused = False
+        self._paused = False  # too many queries in flight
+        self._full = False  # the client does not read its answers
         self._last_activity = time.monotonic()
         self._idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if len(self.owner._clients) >= self.owner.max_tcp_clients:
+            self.owner.stats["tcp_refused"] += 1
+            transport.abort()
+            return
         self.owner._clients.add(self)
         sock = transport.get_extra_info("socket")
         try:
@@ -532,6 +547,10 @@ class _ClientTCP(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._last_activity = time.monotonic()
         for message in self.framer.feed(data):
+            if len(self.tasks) >= 2 * MAX_INFLIGHT_PER_TCP or len(self.owner._tasks) >= MAX_INFLIGHT:
+                self.owner.stats["shed"] += 1  # pipelined far past the limit in one read: cut
+                self.transport.abort()
+                return
             task = self.owner._spawn(self._query(message))
             self.tasks.add(task)
             task.add_done_callback(self._done)
@@ -544,6 +563,17 @@ class _ClientTCP(asyncio.Protocol):
         self._last_activity = time.monotonic()
         if self._paused and len(self.tasks) < MAX_INFLIGHT_PER_TCP and not self.transport.is_closing():
             self._paused = False
+            if not self._full:
+                self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        """The client does not read its answers: read no more of its queries."""
+        self._full = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._full = False
+        if not self._paused and not self.transport.is_closing():
             self.transport.resume_reading()
 
     async def _query(self, message: bytes) -> None:

@@ -30,6 +30,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import resource
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +54,14 @@ from proxy.policy.ipaddr import is_loopback
 __all__ = ["Server", "serve", "serve_forever"]
 
 log = logging.getLogger("l7gate.http")
+
+
+MAX_CONNECTIONS = 8192  # client connections at most (an idle one holds ~64 KB at worst)
+
+
+def fd_limit() -> int:
+    """The process's file descriptor limit (soft)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
@@ -79,8 +88,11 @@ class Server:
                  on_flow: Callable[[dict], None] | None = None,
                  original_dst: OriginalDst | None = None, mark: int | None = PROXY_MARK,
                  connect_timeout: float = 5.0, max_head: int = MAX_HEAD,
-                 idle_timeout: float | None = 3600.0) -> None:
+                 idle_timeout: float | None = 3600.0, max_connections: int | None = None) -> None:
         self.oracle = oracle
+        # beyond: refused at once. Each connection holds two descriptors (client, upstream); the
+        # rest of the agent (DNS, nftables, the registry) must never find none left
+        self.max_connections = max_connections or min(MAX_CONNECTIONS, max(16, (fd_limit() - 512) // 4))
         self.idle_timeout = idle_timeout
         self.on_flow = on_flow
         self.original_dst = original_dst or _original_dst
@@ -88,8 +100,8 @@ class Server:
         self.connect_timeout = connect_timeout
         self.max_head = max_head
         self.set_local_ips(local_ips)
-        self.stats = {"connections": 0, "requests": 0, "forwarded": 0, "denied": 0,
-                      "errors": 0, "tunnels": 0}
+        self.stats = {"connections": 0, "refused": 0, "requests": 0, "forwarded": 0,
+                      "denied": 0, "errors": 0, "tunnels": 0}
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[_Client] = set()
         self._sweeper: asyncio.Task | None = None
@@ -225,10 +237,14 @@ class _Upstream(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if self.closed:  # the client went away while we connected
+            transport.abort()
+            return
         if self.pending:
             transport.writelines(self.pending) if len(self.pending) > 1 \
                 else transport.write(self.pending[0])
             self.pending = []
+            self.client.set_paused("upstream-connecting", False)
 
     def data_received(self, data: bytes) -> None:
         self.client.upstream_data(self, data)
@@ -250,6 +266,9 @@ class _Upstream(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.transport is None:
             self.pending.append(data)
+            # not connected yet: read no more of the client until it is (a body streamed into
+            # `pending` meanwhile had no bound: gigabytes against an upstream slow to accept)
+            self.client.set_paused("upstream-connecting", True)
         elif not self.closed:
             self.transport.write(data)
 
@@ -282,11 +301,16 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         srv = self.server
         self.transport = transport
+        peer = transport.get_extra_info("peername")
+        local = transport.get_extra_info("sockname")
+        if peer is None or local is None or len(srv._conns) >= srv.max_connections:
+            srv.stats["refused"] += 1  # reset before we got here, or too many: nothing to log
+            self.closed = True
+            transport.abort()
+            return
         srv._conns.add(self)
         srv.stats["connections"] += 1
         try:
-            peer = transport.get_extra_info("peername")
-            local = transport.get_extra_info("sockname")
             sock = transport.get_extra_info("socket")
             try:
                 dst_ip, dst_port = srv.original_dst(sock)
@@ -449,6 +473,7 @@ class _Client(asyncio.Protocol):
             if self.closed or up is not self.upstream:
                 return
             self.upstream = None
+            self.set_paused("upstream-connecting", False)
             why = "connection timeout" if isinstance(e, TimeoutError) \
                 else UPSTREAM_CONNECT_FAILURE
             if isinstance(e, PermissionError):
@@ -522,7 +547,7 @@ async def serve(oracle: PolicyOracle, local_ips: Iterable[str] = (),
                 on_flow: Callable[[dict], None] | None = None,
                 original_dst: OriginalDst | None = None, mark: int | None = PROXY_MARK,
                 connect_timeout: float = 5.0, max_head: int = MAX_HEAD,
-                idle_timeout: float | None = 3600.0) -> Server:
+                idle_timeout: float | None = 3600.0, max_connections: int | None = None) -> Server:
     """Start the proxy on the running loop; returns once it listens.
 
     host: one address or several; None (default) is 0.0.0.0 plus :: when IPv6 is there:
@@ -533,10 +558,12 @@ async def serve(oracle: PolicyOracle, local_ips: Iterable[str] = (),
     = the original destination).
     original_dst: replaces SO_ORIGINAL_DST (for tests without nftables); mark=None leaves
     upstream sockets unmarked (likewise). idle_timeout: seconds without a byte either way
-    before a connection is dropped (None: never).
+    before a connection is dropped (None: never). max_connections: client connections at once
+    (default: by the descriptor limit, at most MAX_CONNECTIONS); beyond, reset at once.
     """
     srv = Server(oracle, local_ips, on_flow=on_flow, original_dst=original_dst, mark=mark,
-                 connect_timeout=connect_timeout, max_head=max_head, idle_timeout=idle_timeout)
+                 connect_timeout=connect_timeout, max_head=max_head, idle_timeout=idle_timeout,
+                 max_connections=max_connections)
     await srv.start(host, port)
     return srv
 
