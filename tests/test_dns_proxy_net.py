@@ -301,6 +301,23 @@ for line in sys.stdin:
         out, times = frames(s, cmd["count"], cmd["timeout"])
         s.close()
         res.update(replies=[{"data": d, "t": t} for d, t in zip(out, times)])
+    elif cmd["op"] == "tcp_noread":  # send the same query for `seconds`, never read an answer
+        s = socket.create_connection((cmd["server"], 53), timeout=1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(0.2)
+        frame = bytes.fromhex(cmd["frame"]) * 100
+        sent, deadline = 0, time.monotonic() + cmd["seconds"]
+        while time.monotonic() < deadline:
+            try:
+                sent += s.send(frame)
+            except socket.timeout:
+                pass
+            except OSError:  # cut by the proxy
+                res["cut"] = True
+                break
+        res["sent"] = sent // (len(frame) // 100)
+        res["close"] = True
+        s.close()
     res["t0"] = t0
     print(json.dumps(res), flush=True)
 '''
@@ -707,6 +724,32 @@ def test_tcp_denied_and_malformed_then_allowed_on_one_connection(own_policy):
     assert got[0x0B02].header.rcode == RCODE.REFUSED
     assert addresses(got[0x0B03]) == ["192.0.2.10"]
     assert own_policy.authorities[KUBE_DNS].seen == [("tcp", "api.github.com.", "A")]
+
+
+def test_a_tcp_client_that_never_reads_its_answers_is_not_read_either(own_policy):
+    """Denied queries are answered at once; a client that sends them and never reads made the
+    proxy queue answers without bound (67 MB in a minute). Its writes now stop its reads."""
+    import threading
+    proxy, largest, done = own_policy.proxy, [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for c in list(proxy._clients):
+                if c.transport is not None:
+                    largest[0] = max(largest[0], c.transport.get_write_buffer_size())
+            time.sleep(0.01)
+
+    q = query("support.github.com", qid=0x0C0C)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = own_policy.workload.call(op="tcp_noread", server=KUBE_DNS, seconds=1.5,
+                                       frame=(struct.pack("!H", len(q)) + q).hex())
+    finally:
+        done.set()
+        watcher.join()
+    assert res["sent"] > 1000, res  # it did flood
+    assert largest[0] < 256_000, f"{largest[0]} bytes of answers queued for a client that reads none"
 
 
 def test_malformed_packets_do_not_hurt_the_next_query(mediabot):
