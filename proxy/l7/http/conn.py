@@ -1166,7 +1166,10 @@ class ProxyConnection:
             else:  # NEED_DATA, PAUSED
                 break
         if queue and queue[0].local is not None:
+            full = len(queue) >= self.max_pipeline
             self._flush()
+            if full and len(queue) < self.max_pipeline and reader.buffered and not self.closed:
+                self._pump_requests()  # the pipeline limit stopped the reading, now there is room
         elif self._client_eof or reader.done:
             self._close_if_idle()
 
