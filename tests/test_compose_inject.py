@@ -25,7 +25,8 @@ CORPUS = ROOT.parent / "shared" / "corpus" / "awesome-compose"
 CORPUS_FILES = sorted(p for p in CORPUS.glob("*/compose.y*ml"))
 DOCKER_COMPOSE = shutil.which("docker-compose")
 # The only corpus service that cannot be enforced, and why.
-CORPUS_SKIPPED = {("plex", "plex"): "network_mode: host"}
+CORPUS_SKIPPED = {("plex", "plex"): "network_mode: host",
+                  ("wireguard", "wireguard"): "cap_add: NET_ADMIN lets the app change"}
 
 
 def load(path: Path) -> dict:
@@ -175,8 +176,10 @@ def test_unenforceable_reported_and_untouched():
     assert status["nonet"][0] == "skipped" and "no network" in status["nonet"][1]
     assert status["buddy"][0] == "skipped" and "enforced together with app" in status["buddy"][1]
     assert status["other"][0] == "skipped" and "container:some-container" in status["other"][1]
-    assert status["app"][0] == "injected"
-    for name in ("hostnet", "nonet", "buddy", "other"):
+    assert status["priv"][0] == "skipped" and "privileged: true lets the app" in status["priv"][1]
+    assert status["netadmin"][0] == "skipped" and "cap_add: NET_ADMIN" in status["netadmin"][1]
+    assert status["app"][0] == "injected" and status["pinger"][0] == "injected"
+    for name in ("hostnet", "nonet", "buddy", "other", "priv", "netadmin"):
         assert after["services"][name] == before["services"][name]
     check_structure(before, after, report, "proj")
     assert after["services"]["app-l7gate"]["ports"] == ["8080:80"]

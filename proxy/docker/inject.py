@@ -28,7 +28,8 @@ passed through `--labels k=v,...` and are left out with a warning.
 
 Not enforceable (reported with the reason, left exactly as they were): `network_mode: host` (shares the
 host's namespace), `none` (no network to enforce), `service:X` / `container:X` (joins another namespace;
-it is enforced together with X when X is injected).
+it is enforced together with X when X is injected), `privileged: true` or `cap_add` NET_ADMIN /
+SYS_ADMIN / ALL (the app could rewrite or delete the nftables table that enforces it).
 
 Idempotent: an app already joined to its marked sidecar is reported as already injected and nothing in
 the file changes. Sidecars carry the label `io.l7gate.sidecar-for: S` and are never injected themselves.
@@ -61,6 +62,7 @@ DEFAULT_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-co
 # Keys Docker refuses on a container that joins another's network namespace: they belong to the owner.
 MOVED_KEYS = ("ports", "expose", "networks", "hostname", "domainname", "dns", "dns_search", "dns_opt",
               "extra_hosts", "mac_address", "links", "external_links")
+NETNS_OWNER_CAPS = {"NET_ADMIN", "SYS_ADMIN", "ALL"}  # enough to rewrite or delete our nftables table
 UNENFORCEABLE = {
     "host": "network_mode: host shares the host's network namespace; a sidecar cannot own it",
     "none": "network_mode: none has no network to enforce",
@@ -179,6 +181,12 @@ def _status(name: str, svc: Any, services: dict) -> Entry | None:
                              f"it is enforced together with {mode[len(prefix):]} when that is injected")
     if side in services:
         return Entry(name, "skipped", f"a service named {side} already exists and is not its l7gate sidecar")
+    caps = {str(c).upper().removeprefix("CAP_") for c in svc.get("cap_add") or []}
+    if svc.get("privileged") is True or caps & NETNS_OWNER_CAPS:
+        held = "privileged: true" if svc.get("privileged") is True else \
+            "cap_add: " + ", ".join(sorted(caps & NETNS_OWNER_CAPS))
+        return Entry(name, "skipped", f"{held} lets the app change its network namespace's "
+                     "nftables: it could remove the table that enforces its policy")
     return None
 
 
