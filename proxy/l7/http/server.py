@@ -240,6 +240,8 @@ class _Upstream(asyncio.Protocol):
         if self.closed:  # the client went away while we connected
             transport.abort()
             return
+        if self.client.write_paused:  # the client reads nothing: its responses must wait
+            transport.pause_reading()
         if self.pending:
             transport.writelines(self.pending) if len(self.pending) > 1 \
                 else transport.write(self.pending[0])
@@ -293,6 +295,7 @@ class _Client(asyncio.Protocol):
         self.src = ("", 0)
         self.dst = ("", 0)
         self._paused: set[str] = set()
+        self.write_paused = False  # the client's transport is over its high-water mark
         self._eof = {"client": False, "upstream": False}
         self.active = True  # bytes moved since the idle sweeper last looked
         self.idle = 0
@@ -356,6 +359,8 @@ class _Client(asyncio.Protocol):
             self._run(self.core.client_data(data))
             if not self.closed and not self.core.wants_data:
                 self.set_paused("backlog", True)
+            if self.write_paused and not self.closed and not self.core.streaming_upstream:
+                self.set_paused("client-full", True)  # its body is through: now it may wait
         except Exception:
             self._crash("client data")
 
@@ -382,6 +387,7 @@ class _Client(asyncio.Protocol):
         """The client reads slowly: stop reading what would be written to it (the upstream's
         responses; and the client's own requests, whose 403s pile up here, unless it is in the
         middle of sending a forwarded body: it may only read once that is sent)."""
+        self.write_paused = True
         up = self.upstream
         if up is not None and up.transport is not None and not up.closed:
             up.transport.pause_reading()
@@ -389,6 +395,7 @@ class _Client(asyncio.Protocol):
             self.set_paused("client-full", True)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         up = self.upstream
         if up is not None and up.transport is not None and not up.closed:
             up.transport.resume_reading()
