@@ -65,3 +65,67 @@ def test_a_lost_record_is_published_again_and_bad_records_stop_nothing():
     out = json.loads(p.stdout)
     assert out == {"published": True, "republished": True, "synced": True, "ports": ["81"],
                    "peers": ["web"]}
+
+
+STARTUP = r'''
+import asyncio, json, os, sys, tempfile, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from proxy.agent import run as agent_run
+from proxy.agent.run import Agent, AgentConfig, parse_labels
+from proxy.datapath import nft
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress: [{toPorts: [{ports: [{port: "80"}]}]}]
+"""
+
+async def main(tmp):
+    pol, reg = Path(tmp, "p"), Path(tmp, "r")
+    pol.mkdir()
+    (pol / "web.yaml").write_text(POLICY)
+    os.utime(pol / "web.yaml", (1, 1))
+    agent = Agent(AgentConfig(policies=str(pol), registry=str(reg), name="web",
+                              labels=parse_labels("app=web"), ips=["10.9.0.2"]))
+    agent.registry.ready_path("web").touch()  # left by a killed agent
+    task = asyncio.create_task(agent.main())
+    seen = {}
+    t0 = time.monotonic()
+    while "ready" not in seen and time.monotonic() - t0 < 10:
+        now = time.monotonic() - t0
+        if agent.registry.ready_path("web").exists() and "stale_gone" in seen:
+            seen.setdefault("ready", now)
+        if not agent.registry.ready_path("web").exists():
+            seen.setdefault("stale_gone", now)
+        if agent.registry.record("web") is not None:
+            seen.setdefault("record", now)
+        if nft.table_exists() and "closed" not in nft.list_table():
+            seen.setdefault("open", now)
+        await asyncio.sleep(0.01)
+    os.kill(os.getpid(), 15)
+    await task
+    seen["grace"] = agent_run.PEER_GRACE
+    seen["closed_after_stop"] = "closed" in nft.list_table()
+    nft.delete_table()
+    return seen
+
+with tempfile.TemporaryDirectory() as tmp:
+    print(json.dumps(asyncio.run(main(tmp))))
+'''
+
+
+def test_peers_know_the_endpoint_before_its_policy_lets_traffic_through():
+    """A restarted agent's address was `world` to its peers until their next poll, while its
+    own policy already let traffic through (a peer's label deny missed it): the record is
+    published a peer poll before the table opens; readiness comes after that."""
+    p = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", STARTUP, str(ROOT)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    seen = json.loads(p.stdout)
+    assert seen["stale_gone"] < seen["record"], seen
+    assert seen["open"] - seen["record"] >= seen["grace"] * 0.9, seen
+    assert seen["ready"] >= seen["open"] and seen["closed_after_stop"], seen

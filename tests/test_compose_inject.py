@@ -58,7 +58,7 @@ def check_structure(before: dict, after: dict, report: inj.Report, project: str)
         assert args["--policies"] == inj.POLICIES_MOUNT and args["--registry"] == inj.REGISTRY_MOUNT
         assert f"container:com.docker.compose.service={name}" in args["--labels"].split(",")
         assert side["healthcheck"]["test"] == [
-            "CMD", "test", "-f", f"{inj.REGISTRY_MOUNT}/endpoints/{name}.json"]
+            "CMD", "test", "-f", f"{inj.REGISTRY_MOUNT}/agents/{name}.ready"]
         assert f"./policies:{inj.POLICIES_MOUNT}:ro" in side["volumes"]
         assert f"{inj.REGISTRY_VOLUME}:{inj.REGISTRY_MOUNT}" in side["volumes"]
         assert side["labels"][inj.MARKER] == name

@@ -338,7 +338,7 @@ def test_sidecar_readiness_timeout_is_a_clear_error(labs):
     idle = next(p for p in plan.procs if p.node == "client")
     steps.append(topology.Step("spawn", {"id": "client/agent", "netns": idle.netns,
                                          "argv": list(idle.argv), "log": plan.log_file("client/agent")}))
-    steps.append(topology.Step("wait_files", {"procs": {"client/agent": f"{dir}/registry/endpoints/client.json"},
+    steps.append(topology.Step("wait_files", {"procs": {"client/agent": f"{dir}/registry/agents/client.ready"},
                                               "timeout": 0.5}))
     st = netns.State.claim(dir, {"name": spec.name, "status": "building"})
     try:

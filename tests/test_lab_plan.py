@@ -180,7 +180,7 @@ def test_sidecar_command_line_and_readiness_file():
                           "--labels", "org=empire,class=tiefighter,app.kubernetes.io/name=tiefighter",
                           "--namespace", "default", "--service-account", "default",
                           "--metrics", "127.0.0.1:9965", "--log-allowed")
-    assert agent.ready_file == "/run/l7gate/lab/starwars/registry/endpoints/tiefighter.json"
+    assert agent.ready_file == "/run/l7gate/lab/starwars/registry/agents/tiefighter.ready"
     assert {a.node for a in p.agents} == {"deathstar-1", "deathstar-2", "tiefighter", "xwing"}
 
 

@@ -1,6 +1,6 @@
 """The shared registry directory: every sidecar publishes its endpoint and reads the others'.
 
-Layout: `endpoints/<name>.json` (one per workload: name, namespace, labels, serviceAccount, ips,
+Layout: `agents/<name>.ready` (the agent's policy is in force), `endpoints/<name>.json` (one per workload: name, namespace, labels, serviceAccount, ips,
 identity), `services/<namespace>.<name>.json` (`{name, namespace, selector, ips}`, for
 `toServices`; written by whoever defines services: the lab, compose), `identities/<number>` (claimed with an atomic exclusive create, holding the label set
 it stands for, so all sidecars agree on the numbers), `agents/<name>.sock` (control sockets).
@@ -76,6 +76,10 @@ class Registry:
     def socket_path(self, name: str) -> Path:
         return self.root / "agents" / f"{name}.sock"
 
+    def ready_path(self, name: str) -> Path:
+        """Appears once the agent's policy is in force (the lab and compose wait for it)."""
+        return self.root / "agents" / f"{name}.ready"
+
     def publish(self, rec: EndpointRecord) -> None:
         path = self.endpoint_path(rec.name)
         tmp = path.with_suffix(f".tmp{secrets.token_hex(8)}")
@@ -88,6 +92,7 @@ class Registry:
         return found[0] if found else None
 
     def withdraw(self, name: str) -> None:
+        self.ready_path(name).unlink(missing_ok=True)
         self.endpoint_path(name).unlink(missing_ok=True)
 
     def endpoints(self) -> list[EndpointRecord]:

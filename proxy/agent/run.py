@@ -40,6 +40,7 @@ from proxy.policy.repository import Options
 
 log = logging.getLogger("l7gate.agent")
 POLL = 0.5
+PEER_GRACE = 2 * POLL  # a record published is read by every peer within this
 
 
 @dataclass
@@ -214,6 +215,8 @@ class Agent:
 
     def publish(self) -> None:
         self.registry.publish(self.record())
+        if not self._ready:
+            self.registry.ready_path(self.me.name).touch()
         self._ready = True
 
     async def _policies_readable(self) -> None:
@@ -292,6 +295,10 @@ class Agent:
         ctl = await control.serve(self.registry.socket_path(self.me.name), self.handle,
                                   observe=self.observer.handle_control)
         await self._policies_readable()
+        # peers learn this endpoint's identity before its policy lets any traffic through: a
+        # restarted agent's address is `world` to them until their next poll (a label deny missed it)
+        self.registry.publish(self.record())
+        await asyncio.sleep(PEER_GRACE)
         self.sync(force=True)
         self.publish()
         log.info("agent %s ready: identity %s", self.me.name, self.engine.identity_of(self.me).id)

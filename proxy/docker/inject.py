@@ -14,8 +14,9 @@ mutates its input) returning `(new_doc, report)`. For each selected, enforceable
   services still reach the app by its old name;
 * the app gets `depends_on: {S-l7gate: {condition: service_healthy}}` merged with its own depends_on
   (list form becomes the equivalent map form, `condition: service_started`), and the sidecar's
-  healthcheck passes only once the agent published `endpoints/S.json` in the registry, i.e. after its
-  datapath is in place: the app never runs with unenforced traffic;
+  healthcheck passes only once the agent wrote `agents/S.ready` in the registry, i.e. after its
+  datapath is in place (a stale marker of a killed agent is removed first thing at start): the app
+  never runs with unenforced traffic;
 * the sidecar mounts the policies directory read-only at /etc/l7gate/policies and the named volume
   `l7gate-registry` (shared by all sidecars of the project) at /var/run/l7gate/registry.
 
@@ -234,7 +235,7 @@ def make_sidecar(name: str, app: dict, project: str, policies_dir: str, image: s
     if "restart" in app:
         side["restart"] = app["restart"]
     side["healthcheck"] = {
-        "test": ["CMD", "test", "-f", f"{REGISTRY_MOUNT}/endpoints/{name}.json"],
+        "test": ["CMD", "test", "-f", f"{REGISTRY_MOUNT}/agents/{name}.ready"],
         "interval": "1s", "timeout": "3s", "retries": 60,
     }
     side["volumes"] = [f"{policies_dir}:{POLICIES_MOUNT}:ro", f"{REGISTRY_VOLUME}:{REGISTRY_MOUNT}"]

@@ -325,7 +325,7 @@ class Executor:
             if time.monotonic() > deadline:
                 names = ", ".join(sorted(pending))
                 first = self.procs[next(iter(sorted(pending)))]
-                raise LabError(f"sidecar(s) not ready after {timeout:g}s (no endpoint record in the "
+                raise LabError(f"sidecar(s) not ready after {timeout:g}s (no ready marker in the "
                                f"registry): {names}\n  log of {first['id']} ({first['log']}):\n"
                                f"{log_tail(first['log'])}")
             time.sleep(0.05)

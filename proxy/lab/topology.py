@@ -368,7 +368,7 @@ def plan(spec: LabSpec, state_dir: str, python: str, etc_netns: str = ETC_NETNS)
                                 "--namespace", n.namespace, "--service-account", n.service_account,
                                 # on the workload's own loopback: `lab exec W -- curl 127.0.0.1:9965`
                                 "--metrics", "127.0.0.1:9965", "--log-allowed"),
-                               "agent", ready_file=f"{registry}/endpoints/{n.name}.json"))
+                               "agent", ready_file=f"{registry}/agents/{n.name}.ready"))
         else:
             passive.append(passive_record(n))
     services = [{"name": svc.name, "namespace": svc.namespace,
