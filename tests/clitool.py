@@ -1,4 +1,5 @@
 """How tests find and run the real `l7gate` command line."""
+import json
 import os
 import queue
 import shlex
@@ -65,3 +66,12 @@ class Output:
 
     def __str__(self) -> str:
         return "".join(self.lines)
+
+
+def run_in_scratch_netns(script: str, timeout: float = 60) -> object:
+    """A Python script (sys.argv[1]: the repository) run in a network namespace of its own
+    (`unshare --net`, gone with it); what it printed, read as JSON."""
+    p = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", script, str(ROOT)],
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)

@@ -3,13 +3,9 @@ element again only when the kernel's one would expire before the new TTL (a real
 nftables table, in a scratch network namespace of its own: `unshare --net`)."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
-from clitool import ROOT
+from clitool import run_in_scratch_netns
 from needs import nft_unusable_reason
 
 pytestmark = pytest.mark.skipif(nft_unusable_reason() is not None, reason=str(nft_unusable_reason()))
@@ -60,10 +56,7 @@ asyncio.run(main())
 
 
 def test_an_element_is_rewritten_only_when_the_kernel_would_expire_it_too_soon():
-    p = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", SCRIPT, str(ROOT)],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    out = run_in_scratch_netns(SCRIPT)
     slack = out["slack"]
     assert out["first"]["batches"] == 0 and 29 <= out["first"]["expires"] <= 30, "in the new table"
     assert out["second"]["batches"] == 1 and 30 <= out["second"]["expires"] <= 30 + slack

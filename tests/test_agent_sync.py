@@ -1,23 +1,21 @@
-"""The agent's sync against what others may do to the shared registry: a record of its own that
-disappears is published again; a malformed record of someone else's stops nothing (a real Agent
-and its nftables table, in a scratch network namespace: `unshare --net`)."""
+"""The agent against what others may do to the shared registry, and its start: a record of its
+own that disappears is published again; a malformed record of someone else's stops nothing; peers
+learn the endpoint before its policy lets anything through (a real Agent and its nftables table,
+in a scratch network namespace: `unshare --net`)."""
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
 
 import pytest
 
-from clitool import ROOT
+from clitool import run_in_scratch_netns
 from needs import nft_unusable_reason
 
 pytestmark = pytest.mark.skipif(nft_unusable_reason() is not None, reason=str(nft_unusable_reason()))
 
-SCRIPT = r'''
-import json, os, sys, tempfile, time
+PRELUDE = r'''
+import asyncio, json, os, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
+from proxy.agent import run as agent_run
 from proxy.agent.run import Agent, AgentConfig, parse_labels
 from proxy.datapath import nft
 
@@ -34,12 +32,17 @@ def settled(path, text):
     path.write_text(text)
     os.utime(path, (1, 1))  # long written: read at once
 
-with tempfile.TemporaryDirectory() as tmp:
+def agent_in(tmp):
     pol, reg = Path(tmp, "p"), Path(tmp, "r")
     pol.mkdir()
     settled(pol / "web.yaml", POLICY % 80)
-    agent = Agent(AgentConfig(policies=str(pol), registry=str(reg), name="web",
-                              labels=parse_labels("app=web"), ips=["10.9.0.2"]))
+    return Agent(AgentConfig(policies=str(pol), registry=str(reg), name="web",
+                             labels=parse_labels("app=web"), ips=["10.9.0.2"])), pol, reg
+'''
+
+REGISTRY = PRELUDE + r'''
+with tempfile.TemporaryDirectory() as tmp:
+    agent, pol, reg = agent_in(tmp)
     agent.sync(force=True)
     agent.publish()
     out = {"published": agent.registry.record("web") == agent.record()}
@@ -59,38 +62,13 @@ with tempfile.TemporaryDirectory() as tmp:
 
 
 def test_a_lost_record_is_published_again_and_bad_records_stop_nothing():
-    p = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", SCRIPT, str(ROOT)],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
-    assert out == {"published": True, "republished": True, "synced": True, "ports": ["81"],
-                   "peers": ["web"]}
+    assert run_in_scratch_netns(REGISTRY) == {
+        "published": True, "republished": True, "synced": True, "ports": ["81"], "peers": ["web"]}
 
 
-STARTUP = r'''
-import asyncio, json, os, sys, tempfile, time
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-from proxy.agent import run as agent_run
-from proxy.agent.run import Agent, AgentConfig, parse_labels
-from proxy.datapath import nft
-
-POLICY = """
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: web, namespace: default}
-spec:
-  endpointSelector: {matchLabels: {app: web}}
-  ingress: [{toPorts: [{ports: [{port: "80"}]}]}]
-"""
-
+STARTUP = PRELUDE + r'''
 async def main(tmp):
-    pol, reg = Path(tmp, "p"), Path(tmp, "r")
-    pol.mkdir()
-    (pol / "web.yaml").write_text(POLICY)
-    os.utime(pol / "web.yaml", (1, 1))
-    agent = Agent(AgentConfig(policies=str(pol), registry=str(reg), name="web",
-                              labels=parse_labels("app=web"), ips=["10.9.0.2"]))
+    agent, _, _ = agent_in(tmp)
     agent.registry.ready_path("web").touch()  # left by a killed agent
     task = asyncio.create_task(agent.main())
     seen = {}
@@ -122,10 +100,7 @@ def test_peers_know_the_endpoint_before_its_policy_lets_traffic_through():
     """A restarted agent's address was `world` to its peers until their next poll, while its
     own policy already let traffic through (a peer's label deny missed it): the record is
     published a peer poll before the table opens; readiness comes after that."""
-    p = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", STARTUP, str(ROOT)],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 0, p.stderr
-    seen = json.loads(p.stdout)
+    seen = run_in_scratch_netns(STARTUP)
     assert seen["stale_gone"] < seen["record"], seen
     assert seen["open"] - seen["record"] >= seen["grace"] * 0.9, seen
     assert seen["ready"] >= seen["open"] and seen["closed_after_stop"], seen
