@@ -301,6 +301,20 @@ for line in sys.stdin:
         out, times = frames(s, cmd["count"], cmd["timeout"])
         s.close()
         res.update(replies=[{"data": d, "t": t} for d, t in zip(out, times)])
+    elif cmd["op"] == "tcp_many":  # `n` connections at once, one query on each
+        socks = [socket.create_connection((cmd["server"], 53), timeout=2) for _ in range(cmd["n"])]
+        q = bytes.fromhex(cmd["frame"])
+        answers = []
+        for s in socks:
+            try:
+                s.sendall(q)
+                out, _ = frames(s, 1, 2)
+                answers.append(len(out))
+            except OSError:  # reset: refused
+                answers.append(0)
+        for s in socks:
+            s.close()
+        res["answers"] = answers
     elif cmd["op"] == "tcp_noread":  # send the same query for `seconds`, never read an answer
         s = socket.create_connection((cmd["server"], 53), timeout=1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -750,6 +764,22 @@ def test_a_tcp_client_that_never_reads_its_answers_is_not_read_either(own_policy
         watcher.join()
     assert res["sent"] > 1000, res  # it did flood
     assert largest[0] < 256_000, f"{largest[0]} bytes of answers queued for a client that reads none"
+
+
+def test_tcp_clients_beyond_the_cap_are_refused_and_the_others_answered(own_policy):
+    """Each TCP client holds descriptors (its own, an upstream's): beyond the cap (sized by the
+    descriptor limit) a connection is reset at once, so nftables and the HTTP proxy keep some."""
+    proxy = own_policy.proxy
+    saved = proxy.max_tcp_clients
+    proxy.max_tcp_clients = len(proxy._clients) + 2
+    q = query("support.github.com", qid=0x0D0D)
+    try:
+        res = own_policy.workload.call(op="tcp_many", server=KUBE_DNS, n=3,
+                                       frame=(struct.pack("!H", len(q)) + q).hex())
+    finally:
+        proxy.max_tcp_clients = saved
+    assert res["answers"] == [1, 1, 0]
+    assert proxy.stats["tcp_refused"] >= 1
 
 
 def test_malformed_packets_do_not_hurt_the_next_query(mediabot):
