@@ -349,6 +349,21 @@ def test_a_fifo_or_device_named_like_a_policy_is_refused_without_waiting(tmp_pat
         [("pipe.yaml", "not a regular file"), ("zero.yaml", "not a regular file")]
 
 
+def test_a_pipe_named_explicitly_is_read_as_it_comes(tmp_path):
+    """`l7gate policy validate <(...)`: a file named on the command line may be a pipe."""
+    import threading
+    pipe = tmp_path / "pipe.yaml"
+    os.mkfifo(pipe)
+    text = (INVALID.parent / "valid" / "server-names.yaml").read_text()
+    writer = threading.Thread(target=lambda: pipe.write_text(text))
+    writer.start()
+    docs = load_paths([str(pipe)]).documents
+    writer.join()
+    assert docs and all(not d.errors for d in docs)
+    (refused,) = load_paths([str(pipe)], regular_only=True).documents  # as the agent reads
+    assert refused.errors[0].message == "not a regular file"
+
+
 def test_alias_bomb_is_bounded():
     start = time.monotonic()
     (d,) = load_paths([str(INVALID / "malformed" / "alias-bomb.yaml")]).documents

@@ -65,7 +65,7 @@ class PolicyDir:
         self._sig = sig
         ready = [f for f, *_, settled in sig if settled]
         self.settling = [f for f, *_, settled in sig if not settled]
-        result = load_paths(ready) if ready else None
+        result = load_paths(ready, regular_only=True) if ready else None
         by_file: dict[str, list] = {}
         for doc in result.documents if result else []:
             by_file.setdefault(doc.file, []).append(doc)

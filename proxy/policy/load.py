@@ -78,12 +78,15 @@ class LoadResult:
         return all(d.valid for d in self.documents)
 
 
-def load_paths(paths: list[str], options: AgentOptions | None = None) -> LoadResult:
+def load_paths(paths: list[str], options: AgentOptions | None = None,
+               regular_only: bool = False) -> LoadResult:
     """Every object of every file named in `paths` or found under a named directory.
 
     `options` are the agent flags the agent layer assumes (Cilium 1.19's defaults when None).
+    regular_only: refuse named files that are not regular files (FIFOs, devices), as files
+    found in a directory always are.
     """
-    return _load(source.read_paths(list(paths)), options)
+    return _load(source.read_paths(list(paths), regular_only), options)
 
 
 def load_text(text: str, file: str = "<text>", options: AgentOptions | None = None) -> LoadResult:

@@ -137,7 +137,7 @@ def list_files(path: str, onerror=None) -> list[str]:
     return sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep))
 
 
-def read_paths(paths: list[str]) -> list[Document]:
+def read_paths(paths: list[str], regular_only: bool = False) -> list[Document]:
     """Every document of every file named or found under a named directory, in order.
 
     A directory with no policy file yields nothing (an empty policy set is legitimate); a path
@@ -147,9 +147,9 @@ def read_paths(paths: list[str]) -> list[Document]:
     for p in paths:
         if os.path.isdir(p):
             for f in list_files(p):
-                docs += read_file(f)
+                docs += read_file(f, regular_only=True)
         else:
-            docs += read_file(p)
+            docs += read_file(p, regular_only)
     return docs
 
 
@@ -158,15 +158,19 @@ def _file_error(file: str, message: str) -> Document:
     return Document(file=file, index=0, errors=[err], pos=(1, 1), readable=False)
 
 
-def read_file(file: str) -> list[Document]:
+def read_file(file: str, regular_only: bool = False) -> list[Document]:
+    """regular_only: for files found in a directory (the agent's policies): a FIFO or device
+    named like a policy is refused, never waited on. A file named explicitly may be a pipe
+    (`l7gate policy validate <(...)`)."""
     try:
-        # O_NONBLOCK: opening a FIFO named like a policy file must not wait for a writer
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
         with open(fd, "rb") as f:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                return [_file_error(file, "not a regular file")]
-            if st.st_size > MAX_FILE_BYTES:
+                if regular_only:
+                    return [_file_error(file, "not a regular file")]
+                os.set_blocking(fd, True)  # named explicitly: read it as it comes
+            elif st.st_size > MAX_FILE_BYTES:
                 return [_file_error(file, f"file is too large ({st.st_size} bytes; the limit is "
                                           f"{MAX_FILE_BYTES} bytes)")]
             data = f.read(MAX_FILE_BYTES + 1)
